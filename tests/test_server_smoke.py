@@ -1,0 +1,42 @@
+"""A real tritonserver on loopback answers a real gRPC request from a python model."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from audiostory_ensemble.triton_server import ROOT_REPO, TritonServer, TritonServerError
+
+
+@pytest.fixture(scope="module")
+def smoke_server(test_build_dir):
+    repo = test_build_dir / "smoke_repository"
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.copytree(ROOT_REPO / "stack_info", repo / "stack_info")
+    with TritonServer(repo, log_path=test_build_dir / "smoke_server.log") as server:
+        yield server
+
+
+def test_stack_info_round_trip_over_grpc(smoke_server):
+    client = grpcclient.InferenceServerClient(smoke_server.grpc_url)
+    assert client.is_model_ready("stack_info")
+    query = grpcclient.InferInput("QUERY", [1], "BYTES")
+    query.set_data_from_numpy(np.array(["héllo".encode()], dtype=np.object_))
+    result = client.infer("stack_info", [query])
+    info = json.loads(result.as_numpy("INFO")[0])
+    assert info["echo"] == "héllo"
+    # The stub must run the venv's interpreter with numpy<2 (Triton 2.51's python backend
+    # corrupts tensors under numpy 2).
+    assert int(info["numpy"].split(".")[0]) < 2
+    assert info["python"].startswith("3.11")
+
+
+def test_server_binds_loopback_only(smoke_server):
+    assert smoke_server.address == "127.0.0.1"
+    assert "--grpc-address=127.0.0.1" in smoke_server.command()
+
+
+def test_bad_repository_is_a_clear_error(tmp_path):
+    with pytest.raises(TritonServerError, match="does not exist"):
+        TritonServer(tmp_path / "missing").start(timeout=5)
