@@ -1,0 +1,74 @@
+"""The public interface of the served pipeline: tensor names, types, shapes, defaults.
+
+One table that the repository generator (config.pbtxt), the models, the client and the README all
+read. Internal tensors between ensemble steps are ``_PREFIXED`` so the public ones stand out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import (DEFAULT_DURATION_POLICY, DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS, DEFAULT_SEED,
+                     DEFAULT_TOTAL_DURATION_S, DURATION_POLICIES, OUTPUT_SAMPLE_RATE)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str                 # Triton config type without TYPE_ (FP32, INT64, BYTES, BOOL, INT32)
+    dims: tuple
+    description: str
+    default: object = None     # None: required (inputs) / always present (outputs)
+    optional: bool = False
+
+    @property
+    def numpy_dtype(self):
+        import numpy as np
+        return {"FP32": np.float32, "INT64": np.int64, "INT32": np.int32, "BOOL": np.bool_,
+                "BYTES": np.object_}[self.dtype]
+
+    def pbtxt(self, optional: bool | None = None) -> str:
+        opt = self.optional if optional is None else optional
+        dims = ", ".join(str(d) for d in self.dims)
+        return (f'  {{ name: "{self.name}" data_type: TYPE_{self.dtype} dims: [ {dims} ]'
+                + (" optional: true" if opt else "") + " }")
+
+
+# ---- request inputs (the ensemble `audiostory` and `audiostory_full`) ---------------------------
+INSTRUCTION = Tensor("INSTRUCTION", "BYTES", (1,), "what the story is about (UTF-8 text)")
+TOTAL_DURATION = Tensor("TOTAL_DURATION", "FP32", (1,), "requested story length in seconds",
+                        DEFAULT_TOTAL_DURATION_S, True)
+GUIDANCE_SCALE = Tensor("GUIDANCE_SCALE", "FP32", (1,), "classifier-free guidance scale",
+                        DEFAULT_GUIDANCE, True)
+SEED = Tensor("SEED", "INT64", (1,), "seed: lead phrase and initial noise (0 = the reference)",
+              DEFAULT_SEED, True)
+NUM_STEPS = Tensor("NUM_STEPS", "INT32", (1,), "flow-matching Euler steps", DEFAULT_NUM_STEPS, True)
+DURATION_POLICY = Tensor("DURATION_POLICY", "BYTES", (1,),
+                         f"clip durations: {' | '.join(DURATION_POLICIES)} (model = as the LLM wrote them)",
+                         DEFAULT_DURATION_POLICY, True)
+REQUEST_INPUTS = (INSTRUCTION, TOTAL_DURATION, GUIDANCE_SCALE, SEED, NUM_STEPS, DURATION_POLICY)
+
+# ---- streamed outputs: one response per clip (`audiostory`) -------------------------------------
+CLIP_AUDIO = Tensor("CLIP_AUDIO", "FP32", (2, -1), f"the clip, stereo, {OUTPUT_SAMPLE_RATE} Hz, "
+                    "including the crossfade overlap for all clips but the last")
+CLIP_INDEX = Tensor("CLIP_INDEX", "INT32", (1,), "clip position in the story (authoritative order)")
+CAPTION = Tensor("CAPTION", "BYTES", (1,), "the clip's caption as the LLM wrote it")
+CLIP_START_S = Tensor("CLIP_START_S", "FP32", (1,), "where the clip starts in the story, seconds")
+CLIP_DURATION_S = Tensor("CLIP_DURATION_S", "FP32", (1,), "the clip's duration in the story, seconds")
+IS_LAST = Tensor("IS_LAST", "BOOL", (1,), "true on the story's last clip")
+CLIP_OUTPUTS = (CLIP_AUDIO, CLIP_INDEX, CAPTION, CLIP_START_S, CLIP_DURATION_S, IS_LAST)
+
+# ---- whole-story outputs (`audiostory_full`) ---------------------------------------------------
+AUDIO = Tensor("AUDIO", "FP32", (2, -1), f"the crossfaded story, stereo, {OUTPUT_SAMPLE_RATE} Hz")
+CAPTIONS = Tensor("CAPTIONS", "BYTES", (-1,), "clip captions in story order")
+CLIP_STARTS_S = Tensor("CLIP_STARTS_S", "FP32", (-1,), "clip start times, seconds")
+CLIP_DURATIONS_S = Tensor("CLIP_DURATIONS_S", "FP32", (-1,), "clip durations, seconds")
+FULL_OUTPUTS = (AUDIO, CAPTIONS, CLIP_STARTS_S, CLIP_DURATIONS_S)
+
+SAMPLE_RATE = OUTPUT_SAMPLE_RATE
+ENSEMBLE = "audiostory"
+FULL_MODEL = "audiostory_full"
+
+
+def defaults() -> dict:
+    return {t.name: t.default for t in REQUEST_INPUTS if t.optional}

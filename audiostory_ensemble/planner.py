@@ -1,0 +1,328 @@
+"""The LLM stage on vLLM: the story plan and the bridging queries, streamed clip by clip.
+
+Two ``AsyncLLM`` engines on the converted Qwen2 folder:
+
+- the **generate engine** writes the plan, greedily. The forced runs are not decoded token by
+  token: ``<t5>`` and ``<aud>`` are stop tokens; when the model emits one, the fixed run
+  (``<t5_00000>…</t5>`` or ``<aud_00000>…</aud>``) is appended and generation resumes on the longer
+  prompt. With prefix caching a resume costs one short prefill.
+- the **pooling engine** (``token_embed``, no activation) returns the last-layer hidden states of
+  prompt + generated ids. It runs once per finished clip, as soon as the clip's ``</aud>`` is
+  appended, while the generate engine goes on with the next clip.
+
+A clip is yielded once its hidden states are ready *and* it is known whether another clip
+follows (the model wrote ``<|gen|>`` again, or stopped).
+
+Against the reference (transformers ``generate`` with the official forcing processors):
+- greedy, ``max_new_tokens`` counting forced tokens too, stops on ``<|im_end|>``/``<|endoftext|>``;
+- repetition penalty: the checkpoint's ``generation_config.json`` value (Qwen2.5-Instruct ships
+  1.05, and transformers applies it even under greedy decoding, so the reference does); vLLM
+  applies it over prompt and output tokens, as transformers does over ``input_ids``;
+- the official processors also set the run tokens' logits to 0.0 outside a run; vLLM leaves them
+  as the model computed them. The two differ only if every other logit is negative, which a
+  trained model does not produce where it writes text (the parity tests check token equality).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import numpy as np
+
+from .checkpoint import Converted, load_converted
+from .config import (DEFAULT_DURATION_POLICY, DEFAULT_SEED, DEFAULT_TOTAL_DURATION_S, DURATION_POLICIES,
+                     MAX_NEW_TOKENS)
+from .grammar import (ClipSpan, NoClipError, PlanError, TokenIds, build_instruction, build_prompt,
+                      parse_clip_at)
+
+class PlannerError(RuntimeError):
+    """The planner could not produce a plan (engine failure, or unusable model output)."""
+
+
+@dataclass
+class EngineOptions:
+    """vLLM engine settings (configuration, not constants). ``kv_cache_gib`` is the CPU KV space."""
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    generate_gpu_memory_utilization: float = 0.35
+    pooling_gpu_memory_utilization: float = 0.15
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+    kv_cache_gib: float = 1.0
+    max_num_seqs: int = 64
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "EngineOptions":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "EngineOptions":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class PlanRequest:
+    instruction: str
+    total_duration: float = DEFAULT_TOTAL_DURATION_S
+    seed: int = DEFAULT_SEED
+    duration_policy: str = DEFAULT_DURATION_POLICY
+    max_new_tokens: int = MAX_NEW_TOKENS
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class PlannedClip:
+    index: int
+    caption: str
+    duration: float               # seconds after the duration policy
+    llm_duration: float           # as written by the LLM
+    start_s: float                # nominal start in the story (sum of earlier durations)
+    is_last: bool
+    sem: np.ndarray               # [N, H] float32 hidden states at the <t5_i> positions
+    res: np.ndarray               # [M, H] float32 hidden states at the <aud_i> positions
+
+
+@dataclass
+class PlanSummary:
+    """What the planner knows after the last clip (also attached to errors for logs)."""
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    text: str
+    dropped: list[str]
+    finished: bool
+    clips: int
+
+
+class Planner:
+    """``async for clip in planner.plan(request)``; many plans run concurrently on the same engines."""
+
+    def __init__(self, converted: Converted, options: EngineOptions | None = None):
+        self.converted = converted
+        self.options = options or EngineOptions()
+        self.tokenizer = converted.tokenizer
+        self.tok: TokenIds = converted.token_ids
+        gen_cfg_path = converted.llm_dir / "generation_config.json"
+        gen_cfg = json.loads(gen_cfg_path.read_text()) if gen_cfg_path.exists() else {}
+        self.repetition_penalty = float(gen_cfg.get("repetition_penalty", 1.0))
+        self.generate_engine = None
+        self.pooling_engine = None
+        self.summaries: dict[str, PlanSummary] = {}
+
+    @classmethod
+    def from_model(cls, model: str | Path = "tiny", options: EngineOptions | None = None) -> "Planner":
+        return cls(load_converted(model), options)
+
+    # -- engines ----------------------------------------------------------------------------------
+    def _engine_args(self, pooling: bool):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        o = self.options
+        kw = dict(
+            model=str(self.converted.llm_dir), tokenizer=str(self.converted.llm_dir),
+            dtype=o.dtype, max_model_len=o.max_model_len, tensor_parallel_size=o.tensor_parallel_size,
+            enforce_eager=o.enforce_eager, seed=o.seed, max_num_seqs=o.max_num_seqs,
+            gpu_memory_utilization=(o.pooling_gpu_memory_utilization if pooling else o.generate_gpu_memory_utilization),
+            disable_log_stats=True, generation_config="vllm",
+        )
+        if pooling:
+            from vllm.config import PoolerConfig
+            kw.update(runner="pooling", convert="embed", enable_prefix_caching=False,
+                      pooler_config=PoolerConfig(task="token_embed", tok_pooling_type="ALL", use_activation=False))
+        else:
+            kw.update(enable_prefix_caching=o.enable_prefix_caching)
+        return AsyncEngineArgs(**kw)
+
+    async def start(self) -> "Planner":
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.options.kv_cache_gib))))
+        self.generate_engine = AsyncLLM.from_engine_args(self._engine_args(pooling=False))
+        self.pooling_engine = AsyncLLM.from_engine_args(self._engine_args(pooling=True))
+        return self
+
+    def shutdown(self) -> None:
+        engines = [e for e in (self.generate_engine, self.pooling_engine) if e is not None]
+        self.generate_engine = self.pooling_engine = None
+        for e in engines:
+            try:
+                e.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def prompt_ids(self, request: PlanRequest) -> list[int]:
+        text = build_prompt(build_instruction(request.instruction, request.total_duration, request.seed))
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def _hidden_states(self, ids: list[int], request_id: str) -> np.ndarray:
+        from vllm import PoolingParams
+
+        final = None
+        async for out in self.pooling_engine.encode({"prompt_token_ids": ids},
+                                                    PoolingParams(task="token_embed", use_activation=False),
+                                                    request_id):
+            final = out
+        data = final.outputs.data
+        return np.asarray(data.float().numpy() if hasattr(data, "numpy") else data, dtype=np.float32)
+
+    async def abort(self, request_id: str) -> None:
+        for engine in (self.generate_engine, self.pooling_engine):
+            if engine is not None:
+                try:
+                    await engine.abort(request_id)
+                except Exception:  # noqa: BLE001
+                    pass
+
+    # -- the plan ---------------------------------------------------------------------------------
+    async def plan(self, request: PlanRequest) -> AsyncIterator[PlannedClip]:
+        if self.generate_engine is None:
+            raise PlannerError("planner not started")
+        if request.duration_policy not in DURATION_POLICIES:
+            raise ValueError(f"duration_policy must be one of {DURATION_POLICIES}, got {request.duration_policy!r}")
+        if request.duration_policy == "exact":
+            clips = [c async for c in self._plan_stream(request)]
+            for c in scale_to_total(clips, request.total_duration):
+                yield c
+            return
+        async for clip in self._plan_stream(request):
+            yield clip
+
+    async def _plan_stream(self, request: PlanRequest) -> AsyncIterator[PlannedClip]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        tok = self.tok
+        prompt = self.prompt_ids(request)
+        gen: list[int] = []
+        budget = int(request.max_new_tokens)
+        pending: list[tuple[ClipSpan, asyncio.Task]] = []   # complete clips awaiting "is another next?"
+        next_index = 0
+        start_s = 0.0
+        finished = False
+        dropped: list[str] = []
+        part = 0
+        rid = request.request_id
+        try:
+            while len(gen) < budget and not finished:
+                params = SamplingParams(
+                    temperature=0.0, max_tokens=budget - len(gen), repetition_penalty=self.repetition_penalty,
+                    stop_token_ids=[tok.t5_open, tok.aud_open, tok.im_end, tok.endoftext],
+                    skip_special_tokens=False, detokenize=False, output_kind=RequestOutputKind.DELTA,
+                )
+                sub_id = f"{rid}-g{part}"
+                part += 1
+                self._active = sub_id
+                last = None
+                async for out in self.generate_engine.generate({"prompt_token_ids": prompt + gen}, params, sub_id):
+                    new = list(out.outputs[0].token_ids)
+                    for t in new:
+                        gen.append(t)
+                        if t == tok.gen_open and pending:
+                            # Another clip follows: release what is complete.
+                            for span, task in pending:
+                                yield await self._clip(span, task, prompt, is_last=False, start_s=start_s)
+                                start_s += span.duration
+                            pending = []
+                    last = out
+                if last is None or not gen:
+                    raise PlannerError("the generate engine returned no output")
+                t = gen[-1]
+                if t in tok.stop_ids:
+                    finished = True
+                elif t == tok.t5_open:
+                    gen.extend(tok.forced_t5()[: budget - len(gen)])
+                elif t == tok.aud_open:
+                    gen.extend(tok.forced_aud()[: budget - len(gen)])
+                    if gen[-1] == tok.aud_close:
+                        span = self._span_ending_at(gen, next_index)
+                        if span is not None:
+                            next_index += 1
+                            ids = prompt + gen
+                            task = asyncio.ensure_future(self._hidden_states(ids, f"{rid}-p{span.index}"))
+                            pending.append((span, task))
+                        else:
+                            dropped.append(f"clip {next_index}: malformed (see the generated text)")
+                            raise PlanError(f"malformed plan at clip {next_index}", text=self.tokenizer.decode(gen))
+            # The generation ended (stop token or budget).
+            if not finished:
+                tail = self._incomplete_tail(gen, next_index)
+                if tail:
+                    dropped.append(tail)
+            if not pending and next_index == 0:
+                raise NoClipError("the LLM wrote no complete clip"
+                                  + (f" ({'; '.join(dropped)})" if dropped else ""),
+                                  text=self.tokenizer.decode(gen))
+            for i, (span, task) in enumerate(pending):
+                yield await self._clip(span, task, prompt, is_last=(i == len(pending) - 1), start_s=start_s)
+                start_s += span.duration
+            pending = []
+        except (PlanError, PlannerError):
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # engine died, etc.: an error, never a hang
+            raise PlannerError(f"LLM engine failure: {type(e).__name__}: {e}") from e
+        finally:
+            for _, task in pending:
+                task.cancel()
+            self.summaries[rid] = PlanSummary(prompt, gen, self.tokenizer.decode(gen), dropped, finished, next_index)
+            if len(self.summaries) > 256:
+                self.summaries.pop(next(iter(self.summaries)))
+
+    def _span_ending_at(self, gen: list[int], index: int) -> ClipSpan | None:
+        """The clip whose ``</aud>`` was just appended (its ``<|gen|>`` is the last one)."""
+        g = max((i for i, t in enumerate(gen) if t == self.tok.gen_open), default=-1)
+        if g == -1:
+            return None
+        span, _ = parse_clip_at(gen, g, self.tok, self.tokenizer.decode, index)
+        if span is None or span.end_pos != len(gen) - 1:
+            return None
+        return span
+
+    def _incomplete_tail(self, gen: list[int], index: int) -> str:
+        g = max((i for i, t in enumerate(gen) if t == self.tok.gen_open), default=-1)
+        if g == -1:
+            return ""
+        span, why = parse_clip_at(gen, g, self.tok, self.tokenizer.decode, index)
+        if span is not None:
+            return ""
+        return f"{why} (cut by the token limit)"
+
+    async def _clip(self, span: ClipSpan, task: asyncio.Task, prompt: list[int], is_last: bool,
+                    start_s: float) -> PlannedClip:
+        hidden = await task
+        p = len(prompt)
+        n, m = self.tok.n, self.tok.m
+        sem = hidden[p + span.t5_pos: p + span.t5_pos + n]
+        res = hidden[p + span.aud_pos: p + span.aud_pos + m]
+        if sem.shape[0] != n or res.shape[0] != m:
+            raise PlannerError(f"pooling engine returned {hidden.shape[0]} positions, clip {span.index} needs more")
+        return PlannedClip(span.index, span.caption, span.duration, span.duration, start_s, is_last,
+                           np.ascontiguousarray(sem), np.ascontiguousarray(res))
+
+
+def scale_to_total(clips: list[PlannedClip], total: float) -> list[PlannedClip]:
+    """The ``exact`` policy: durations scaled so that they sum to ``total``; starts recomputed."""
+    s = sum(c.llm_duration for c in clips)
+    if not clips or s <= 0:
+        return clips
+    factor = float(total) / s
+    start = 0.0
+    out = []
+    for c in clips:
+        d = c.llm_duration * factor
+        out.append(PlannedClip(c.index, c.caption, d, c.llm_duration, start, c.is_last, c.sem, c.res))
+        start += d
+    return out

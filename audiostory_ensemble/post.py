@@ -1,0 +1,120 @@
+"""Host-side audio post-processing (numpy in/out, float32), as in AudioStory ``evaluate/inference.py``.
+
+Per clip k (K clips, planned durations d_k): the DiT is asked for ``d_k + crossfade`` seconds for
+every clip but the last (``clip_durations``); the decoded 44.1 kHz wave is trimmed to that length
+(``trim``), resampled to 32 kHz (``resample``: librosa's default ``soxr_hq``), and the clips are
+joined with linear crossfades (``crossfade``: the reference's ``smooth_concatenate``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import soxr
+import torch
+
+from .config import AUDIO_CHANNELS, CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE, WAVE_SAMPLES
+
+
+def clip_durations(durations: list[float], crossfade: float = CROSSFADE_S) -> list[float]:
+    """Seconds requested from the DiT per clip: ``d_k + crossfade`` except for the last clip."""
+    d = [float(x) for x in durations]
+    return [x + crossfade for x in d[:-1]] + d[-1:]
+
+
+def trim(wave: np.ndarray, duration_s: float, sr: int = VAE_SAMPLE_RATE) -> np.ndarray:
+    """``wave[:, :int(duration_s * sr)]`` (a duration beyond the wave keeps the whole wave)."""
+    return wave[:, : int(duration_s * sr)]
+
+
+def _resampled_length(n: int, orig_sr: int, target_sr: int) -> int:
+    # librosa: n_samples = int(np.ceil(y.shape[axis] * ratio)), ratio = float(target_sr) / orig_sr
+    return int(np.ceil(n * (float(target_sr) / orig_sr)))
+
+
+def resample(wave: np.ndarray, orig_sr: int = VAE_SAMPLE_RATE,
+             target_sr: int = OUTPUT_SAMPLE_RATE) -> np.ndarray:
+    """``[C, T] -> [C, ceil(T * target/orig)]`` float32, = ``librosa.resample(wave, orig_sr=...,
+    target_sr=..., axis=-1)`` with its default ``res_type="soxr_hq"``.
+
+    librosa passes ``y.T`` ([T, C], channels independent) to ``soxr.resample(quality="soxr_hq")``
+    (same as ``"HQ"``), then ``fix_length`` zero-pads/trims the time axis to
+    ``ceil(T * ratio)`` (soxr itself may return one sample fewer).
+    """
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim == 1:
+        return resample(wave[None], orig_sr, target_sr)[0]
+    if orig_sr == target_sr:
+        return wave.copy()
+    out = soxr.resample(np.ascontiguousarray(wave.T), orig_sr, target_sr, quality="HQ").T
+    n = _resampled_length(wave.shape[-1], orig_sr, target_sr)
+    if out.shape[-1] >= n:
+        out = out[:, :n]
+    else:
+        out = np.pad(out, ((0, 0), (0, n - out.shape[-1])))
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _ramps(ts: int) -> tuple[np.ndarray, np.ndarray]:
+    # torch.linspace exactly as the reference (float32, both endpoints included).
+    return (torch.linspace(1, 0, ts, dtype=torch.float32).numpy(),
+            torch.linspace(0, 1, ts, dtype=torch.float32).numpy())
+
+
+def crossfade(clips: list[np.ndarray], sr: int = OUTPUT_SAMPLE_RATE,
+              transition_s: float = CROSSFADE_S) -> np.ndarray:
+    """Joins ``[C, T_k]`` clips left to right with linear crossfades of ``int(transition_s*sr)``.
+
+    Rules (reference ``smooth_concatenate``): 1-D clips become ``[1, T]``; ``ts = max(0,
+    int(transition_s * sr))``; ``ts == 0`` -> plain concatenation; a join where the running result
+    or the next clip is shorter than ``ts`` is a hard concatenation; otherwise the last ``ts``
+    samples (times ``linspace(1, 0, ts)``) and the next clip's first ``ts`` (times
+    ``linspace(0, 1, ts)``) are summed. An empty list gives an empty ``[2, 0]`` float32 array
+    (the reference returns a 1-D empty tensor; [2, 0] keeps the output stereo-shaped).
+    """
+    arrays = []
+    for c in clips:
+        a = np.asarray(c, dtype=np.float32)
+        if a.ndim == 1:
+            a = a[None]
+        elif a.ndim != 2:
+            raise ValueError(f"each clip must be 1-D or 2-D, got shape {a.shape}")
+        arrays.append(a)
+    if not arrays:
+        return np.zeros((AUDIO_CHANNELS, 0), dtype=np.float32)
+    ts = max(0, int(transition_s * sr))
+    if ts == 0:
+        return np.ascontiguousarray(np.concatenate(arrays, axis=1))
+    fade_out, fade_in = _ramps(ts)
+    result = arrays[0]
+    for nxt in arrays[1:]:
+        if result.shape[1] < ts or nxt.shape[1] < ts:
+            result = np.concatenate([result, nxt], axis=1)
+            continue
+        merged = result[:, -ts:] * fade_out + nxt[:, :ts] * fade_in
+        result = np.concatenate([result[:, :-ts], merged, nxt[:, ts:]], axis=1)
+    return np.ascontiguousarray(result, dtype=np.float32)
+
+
+def stitched_length(durations: list[float], crossfade_s: float = CROSSFADE_S,
+                    sr: int = OUTPUT_SAMPLE_RATE, vae_sr: int = VAE_SAMPLE_RATE,
+                    wave_samples: int = WAVE_SAMPLES) -> int:
+    """Final sample count for planned clip durations ``d_k`` (before ``clip_durations``)."""
+    ts = max(0, int(crossfade_s * sr))
+    total = None
+    for d in clip_durations(durations, crossfade_s):
+        n = _resampled_length(min(max(int(d * vae_sr), 0), wave_samples), vae_sr, sr)
+        if total is None:
+            total = n
+        elif ts == 0 or total < ts or n < ts:
+            total += n
+        else:
+            total += n - ts
+    return 0 if total is None else total
+
+
+def write_wav(path, wave: np.ndarray, sr: int = OUTPUT_SAMPLE_RATE) -> None:
+    """Writes ``[C, T]`` as a float32 WAV (``subtype='FLOAT'``, like torchaudio on float32)."""
+    import soundfile as sf
+
+    sf.write(str(path), np.ascontiguousarray(np.asarray(wave, dtype=np.float32).T), sr,
+             subtype="FLOAT")

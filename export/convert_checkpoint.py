@@ -1,0 +1,333 @@
+"""Convert an AudioStory release (official layout) into the parts this stack serves.
+
+    python export/convert_checkpoint.py --model tiny [--release DIR] [--out DIR]
+
+Writes (see ``audiostory_ensemble/layout.py``): an HF Qwen2 folder with the LoRA merged, the trained
+norms, the resized vocabulary and the tokenizer (for vLLM and transformers); bridge, DiT and VAE
+weights under our module names; and the unconditional tokens (the Flan-T5 encoding of "" padded
+to N, computed once here from the T5 weights inside the checkpoint, so T5 never runs when serving).
+
+Every key of ``pytorch_model.bin`` is accounted for: an unconsumed or missing key is an error that
+names it. Skipped when the sources and this converter are unchanged (``manifest.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from audiostory_ensemble import layout
+from audiostory_ensemble.config import ModelConfig, get_config
+
+CONVERTER_VERSION = 1
+
+
+class ConversionError(RuntimeError):
+    pass
+
+
+class KeyLedger:
+    """Hands out state-dict entries and remembers which were taken."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+        self.taken: set[str] = set()
+
+    def take(self, key: str) -> torch.Tensor:
+        if key not in self.state:
+            raise ConversionError(f"missing key in pytorch_model.bin: {key}")
+        self.taken.add(key)
+        return self.state[key]
+
+    def take_first(self, *keys: str) -> torch.Tensor:
+        for key in keys:
+            if key in self.state:
+                return self.take(key)
+        raise ConversionError(f"missing key in pytorch_model.bin: {keys[0]} (also tried {keys[1:]})")
+
+    def take_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
+        if not out:
+            raise ConversionError(f"no keys with prefix {prefix!r} in pytorch_model.bin")
+        self.taken.update(prefix + k for k in out)
+        return out
+
+    def check_all_taken(self) -> None:
+        left = sorted(set(self.state) - self.taken)
+        if left:
+            shown = ", ".join(left[:10]) + (f" … ({len(left)} in all)" if len(left) > 10 else "")
+            raise ConversionError(f"unconsumed keys in pytorch_model.bin: {shown}")
+
+
+def _load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
+    result = module.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {result.missing_keys[:8]}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {result.unexpected_keys[:8]}")
+    if problems:
+        raise ConversionError(f"{what}: " + "; ".join(problems))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _source_fingerprint(release: Path, model: str) -> dict:
+    files = sorted(p for p in release.rglob("*") if p.is_file() and p.name != ".content-hash")
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.relative_to(release)}:{st.st_size}:{int(st.st_mtime)}".encode())
+    h.update(Path(__file__).read_bytes())
+    return {"model": model, "sources": h.hexdigest(), "converter_version": CONVERTER_VERSION}
+
+
+# ---------------------------------------------------------------------------------------------
+# The LLM: LoRA merge, trained norms, resized vocabulary
+# ---------------------------------------------------------------------------------------------
+
+def convert_llm(ledger: KeyLedger, hydra: dict, release: Path, out: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    llm_cfg = hydra["llm_model"]
+    peft = llm_cfg["peft_config"]
+    r, alpha = int(peft["r"]), float(peft["lora_alpha"])
+    scale = alpha / r
+    base_dir = release / hydra["tokenizer"]["pretrained_model_path"]
+    base_config = json.loads((base_dir / "config.json").read_text())
+
+    # Tokenizer: the base tokenizer plus the AudioStory tokens in file order.
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    added = json.loads((release / hydra["tokenizer"]["add_tokens_path"]).read_text())
+    tokenizer.add_tokens(list(added))
+    vocab = len(tokenizer)
+    expected_vocab = int(llm_cfg.get("vocab_size", vocab))
+    if vocab != expected_vocab:
+        raise ConversionError(f"tokenizer has {vocab} tokens but config.yaml says vocab_size={expected_vocab}")
+
+    p = layout.LLM_PREFIX
+    state: dict[str, torch.Tensor] = {}
+    layer_ids = sorted({int(m.group(1)) for k in ledger.state
+                        if (m := re.match(re.escape(p) + r"model\.layers\.(\d+)\.", k))})
+    if len(layer_ids) != base_config["num_hidden_layers"]:
+        raise ConversionError(f"found {len(layer_ids)} LLM layers, base config has {base_config['num_hidden_layers']}")
+    for i in layer_ids:
+        lp = f"{p}model.layers.{i}."
+        for proj in layout.LORA_TARGETS:
+            sub = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            stem = f"{lp}{sub}.{proj}."
+            base = ledger.take_first(stem + "weight", stem + "base_layer.weight")
+            a = ledger.take(stem + "lora_A.default.weight").float()
+            b = ledger.take(stem + "lora_B.default.weight").float()
+            merged = (base.float() + scale * (b @ a)).to(base.dtype)
+            state[f"model.layers.{i}.{sub}.{proj}.weight"] = merged
+            if (stem + "bias") in ledger.state or (stem + "base_layer.bias") in ledger.state:
+                state[f"model.layers.{i}.{sub}.{proj}.bias"] = ledger.take_first(stem + "bias", stem + "base_layer.bias")
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            ledger.take(f"{lp}{norm}.original_module.weight")
+            state[f"model.layers.{i}.{norm}.weight"] = ledger.take(f"{lp}{norm}.modules_to_save.default.weight")
+    ledger.take(f"{p}model.norm.original_module.weight")
+    state["model.norm.weight"] = ledger.take(f"{p}model.norm.modules_to_save.default.weight")
+    embed = ledger.take(f"{p}model.embed_tokens.weight")
+    lm_head = ledger.take(f"{p}lm_head.weight")
+    for k in [k for k in ledger.state if k.startswith(p) and k.endswith("rotary_emb.inv_freq")]:
+        ledger.take(k)  # a buffer some versions persisted; recomputed from the config
+    if embed.shape[0] != vocab:
+        raise ConversionError(f"embed_tokens has {embed.shape[0]} rows, tokenizer has {vocab} tokens")
+    state["model.embed_tokens.weight"] = embed
+    tied = torch.equal(embed, lm_head)
+    if not tied:
+        state["lm_head.weight"] = lm_head
+
+    llm_dir = out / layout.LLM_DIR
+    llm_dir.mkdir(parents=True, exist_ok=True)
+    config = dict(base_config)
+    config.update(vocab_size=vocab, tie_word_embeddings=tied, architectures=["Qwen2ForCausalLM"],
+                  torch_dtype=str(embed.dtype).replace("torch.", ""))
+    (llm_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(llm_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    tokenizer.save_pretrained(llm_dir)
+    if (base_dir / "generation_config.json").exists():
+        shutil.copy(base_dir / "generation_config.json", llm_dir / "generation_config.json")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Bridge, DiT, T5 (uncond tokens), VAE
+# ---------------------------------------------------------------------------------------------
+
+def convert_bridge(ledger: KeyLedger) -> dict[str, torch.Tensor]:
+    out = {}
+    for ours, prefix in (("projector.", layout.PROJECTOR_PREFIX), ("audio_projector.", layout.AUDIO_PROJECTOR_PREFIX),
+                         ("fusion.", layout.FUSION_PREFIX)):
+        out.update({ours + k: v for k, v in ledger.take_prefix(prefix).items()})
+    return out
+
+
+def convert_dit(ledger: KeyLedger) -> dict[str, torch.Tensor]:
+    out = {}
+    for ours, prefix in (("transformer.", layout.DIT_PREFIX), ("fc.", layout.FC_PREFIX),
+                         ("duration_embedder.", layout.DURATION_PREFIX)):
+        out.update({ours + k: v for k, v in ledger.take_prefix(prefix).items()})
+    return out
+
+
+@torch.no_grad()
+def uncond_tokens(ledger: KeyLedger, cfg: ModelConfig) -> torch.Tensor:
+    """T5 encoding of "" (``</s>`` then pads, with the attention mask), N long, not masked after."""
+    from transformers import T5Config, T5EncoderModel
+
+    t5 = cfg.t5
+    model = T5EncoderModel(T5Config(
+        d_model=t5.d_model, num_layers=t5.num_layers, num_heads=t5.num_heads, d_kv=t5.d_kv,
+        d_ff=t5.d_ff, vocab_size=t5.vocab_size, feed_forward_proj=t5.feed_forward_proj,
+        pad_token_id=t5.pad_token_id, eos_token_id=t5.eos_token_id, dropout_rate=0.0,
+        is_encoder_decoder=False, use_cache=False,
+    ))
+    state = ledger.take_prefix(layout.T5_PREFIX)
+    _load_strict(model, {k: v.float() for k, v in state.items()}, "text_encoder")
+    model.eval()
+    n = cfg.num_t5_tokens
+    ids = torch.full((1, n), t5.pad_token_id, dtype=torch.long)
+    ids[0, 0] = t5.eos_token_id
+    mask = torch.zeros((1, n), dtype=torch.long)
+    mask[0, 0] = 1
+    return model(input_ids=ids, attention_mask=mask).last_hidden_state[0].float().contiguous()
+
+
+def derive_config(base: ModelConfig, hydra: dict, release: Path) -> ModelConfig:
+    """Our ModelConfig with N, M, scale, LLM and DiT sizes read from the release."""
+    pipe = hydra["train_dataset"]["datapipes"][0]
+    agent = hydra.get("agent_model", {})
+    peft = hydra["llm_model"]["peft_config"]
+    base_dir = release / hydra["tokenizer"]["pretrained_model_path"]
+    q = json.loads((base_dir / "config.json").read_text())
+    flux = json.loads((release / layout.RELEASE_DIT_CONFIG).read_text())
+    llm = replace(
+        base.llm, hidden_size=q["hidden_size"], num_layers=q["num_hidden_layers"],
+        num_heads=q["num_attention_heads"], num_kv_heads=q.get("num_key_value_heads", q["num_attention_heads"]),
+        intermediate_size=q["intermediate_size"], rope_theta=float(q.get("rope_theta", base.llm.rope_theta)),
+        rms_norm_eps=float(q.get("rms_norm_eps", base.llm.rms_norm_eps)),
+        max_position_embeddings=int(q.get("max_position_embeddings", base.llm.max_position_embeddings)),
+        lora_r=int(peft["r"]), lora_alpha=int(peft["lora_alpha"]),
+    )
+    dit = replace(
+        base.dit, num_layers=flux.get("num_layers", base.dit.num_layers),
+        num_single_layers=flux.get("num_single_layers", base.dit.num_single_layers),
+        num_attention_heads=flux.get("num_attention_heads", base.dit.num_attention_heads),
+        attention_head_dim=flux.get("attention_head_dim", base.dit.attention_head_dim),
+        audio_seq_len=flux.get("audio_seq_len", base.dit.audio_seq_len),
+        max_duration=float(flux.get("max_duration", base.dit.max_duration)),
+    )
+    vae = base.vae
+    vae_cfg_path = release / layout.RELEASE_VAE_CONFIG
+    if vae_cfg_path.exists():
+        v = json.loads(vae_cfg_path.read_text())
+        vae = replace(vae, **{k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items()
+                              if k in vae.__dataclass_fields__})
+    cfg = replace(
+        base, llm=llm, dit=dit, vae=vae,
+        num_t5_tokens=int(pipe["num_t5_out_tokens"]), num_aud_tokens=int(pipe["num_aud_out_tokens"]),
+        t5_feature_scale=float(agent.get("t5_feature_scale", base.t5_feature_scale)),
+    )
+    if dit.audio_seq_len != base.dit.audio_seq_len:
+        raise ConversionError(f"audio_seq_len {dit.audio_seq_len}: this stack serves {base.dit.audio_seq_len} latent frames")
+    return cfg
+
+
+def convert(release: Path, out: Path, model: str, force: bool = False) -> Path:
+    release, out = Path(release), Path(out)
+    if not (release / layout.RELEASE_CONFIG).exists():
+        raise ConversionError(f"{release / layout.RELEASE_CONFIG} not found: is {release} an AudioStory release folder?")
+    fingerprint = _source_fingerprint(release, model)
+    manifest_path = out / layout.MANIFEST
+    if not force and manifest_path.exists():
+        if json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+            print(f"convert: {out} is up to date")
+            return out
+
+    from diffusers import AutoencoderOobleck
+
+    from audiostory_ensemble.bridge import Bridge
+    from audiostory_ensemble.dit import AudioDiT
+
+    hydra = yaml.safe_load((release / layout.RELEASE_CONFIG).read_text())
+    cfg = derive_config(get_config(model), hydra, release)
+    state = torch.load(release / layout.RELEASE_WEIGHTS, map_location="cpu", weights_only=True)
+    ledger = KeyLedger(state)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    convert_llm(ledger, hydra, release, out)
+
+    bridge_state = convert_bridge(ledger)
+    _load_strict(Bridge(cfg.llm.hidden_size, cfg.bridge_heads, cfg.t5_feature_scale), bridge_state, "bridge")
+    save_file({k: v.contiguous() for k, v in bridge_state.items()}, str(out / layout.BRIDGE_WEIGHTS))
+
+    dit_state = convert_dit(ledger)
+    _load_strict(AudioDiT(cfg), dit_state, "dit")
+    save_file({k: v.contiguous() for k, v in dit_state.items()}, str(out / layout.DIT_WEIGHTS))
+
+    uncond = uncond_tokens(ledger, cfg)
+    save_file({"uncond_tokens": uncond}, str(out / layout.UNCOND_WEIGHTS))
+    ledger.check_all_taken()
+
+    from safetensors.torch import load_file
+    vae_state = load_file(str(release / layout.RELEASE_VAE_WEIGHTS))
+    _load_strict(AutoencoderOobleck(**cfg.vae.diffusers_kwargs()), vae_state, "vae")
+    shutil.copy(release / layout.RELEASE_VAE_WEIGHTS, out / layout.VAE_WEIGHTS)
+    (out / layout.VAE_CONFIG).write_text(json.dumps(cfg.vae.diffusers_kwargs(), indent=2) + "\n")
+
+    cfg.save(out / layout.MODEL_CONFIG)
+    import diffusers
+    import transformers
+    manifest = {
+        "fingerprint": fingerprint,
+        "release": str(release),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "diffusers": diffusers.__version__},
+        "keys_consumed": len(ledger.taken),
+        "files": {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()},
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"convert: wrote {out} ({len(ledger.taken)} keys consumed)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny", help="base size schema: tiny or full")
+    ap.add_argument("--release", default=None, help="official-layout folder (default: build/checkpoints/MODEL/release)")
+    ap.add_argument("--out", default=None, help="output folder (default: build/checkpoints/MODEL/converted)")
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args(argv)
+    release = Path(args.release) if args.release else layout.release_dir(args.model)
+    out = Path(args.out) if args.out else layout.converted_dir(args.model)
+    try:
+        convert(release, out, args.model, force=args.force)
+    except ConversionError as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
