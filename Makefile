@@ -9,11 +9,17 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all serve clean
+.PHONY: help setup test test-all tiny convert export engines repo serve demo clean
 
 help:
 	@echo "make setup       install the venv, Triton 2.51 and perf_analyzer (idempotent)"
+	@echo "make demo        tiny model end to end: checkpoint, convert, export, serve, client -> build/demo/story.wav"
 	@echo "make test        run the test suite (CPU, tiny model, real tritonserver)"
+	@echo "make tiny        build the tiny checkpoint (official layout) under build/checkpoints/tiny/release"
+	@echo "make convert     MODEL=tiny|full: release -> served parts (build/checkpoints/MODEL/converted)"
+	@echo "make export      MODEL=tiny|full: dit_step.onnx + vae_decoder.onnx (build/export/MODEL)"
+	@echo "make engines     MODEL=full: TensorRT plans from the ONNX graphs (GPU host with TensorRT)"
+	@echo "make repo        PROFILE=cpu|gpu MODEL=...: fill the model repository (build/model_repository)"
 	@echo "make serve       start Triton on build/model_repository (loopback; ADDRESS/..._PORT to change)"
 	@echo "make clean       remove build outputs (keeps the venv and the server)"
 
@@ -25,6 +31,25 @@ test:
 
 test-all:
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+tiny:
+	$(PY) export/make_tiny_checkpoint.py
+
+# The release folder of MODEL=full is yours to place at build/checkpoints/full/release.
+convert: $(if $(filter tiny,$(MODEL)),tiny)
+	$(PY) export/convert_checkpoint.py --model $(MODEL)
+
+export: convert
+	$(PY) export/export_onnx.py --model $(MODEL)
+
+engines:
+	$(PY) export/build_engines.py --model $(MODEL)
+
+repo: export
+	$(PY) export/make_repo.py --profile $(PROFILE) --model $(MODEL)
+
+demo: repo
+	$(PY) scripts/demo.py --model $(MODEL)
 
 serve:
 	$(PY) -m audiostory_ensemble.triton_server --model-repository build/model_repository \

@@ -1,7 +1,8 @@
-"""Shared fixtures. Servers and engines are started once per session and shared."""
+"""Shared fixtures. Artefacts (tiny checkpoint, conversion, ONNX export) are built once, cached by
+content, and reused; servers and engines are started once per module or session."""
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,74 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TEST_BUILD = ROOT / "build" / "tests"
 
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 
 @pytest.fixture(scope="session")
 def test_build_dir() -> Path:
     TEST_BUILD.mkdir(parents=True, exist_ok=True)
     return TEST_BUILD
+
+
+@pytest.fixture(scope="session")
+def tiny_release() -> Path:
+    from audiostory_ensemble import layout
+    from export.make_tiny_checkpoint import main as make_tiny
+
+    out = layout.release_dir("tiny")
+    assert make_tiny(["--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_release):
+    from audiostory_ensemble import layout
+    from audiostory_ensemble.checkpoint import load_converted
+    from export.convert_checkpoint import convert
+
+    convert(tiny_release, layout.converted_dir("tiny"), "tiny")
+    return load_converted("tiny")
+
+
+@pytest.fixture(scope="session")
+def exported(converted) -> Path:
+    from export.export_onnx import export
+
+    return export("tiny")
+
+
+@pytest.fixture(scope="session")
+def reference(converted):
+    import torch
+
+    from audiostory_ensemble.reference import ReferencePipeline
+
+    torch.set_grad_enabled(False)
+    return ReferencePipeline("tiny")
+
+
+@pytest.fixture(scope="session")
+def sample_instructions():
+    from audiostory_ensemble.tiny_story import SAMPLE_INSTRUCTIONS
+
+    return SAMPLE_INSTRUCTIONS
+
+
+class ReferenceCache:
+    """Reference results computed once per (instruction, duration, guidance, seed, steps)."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self.results = {}
+
+    def __call__(self, instruction, total, guidance=4.0, seed=0, steps=50):
+        key = (instruction, float(total), float(guidance), int(seed), int(steps))
+        if key not in self.results:
+            self.results[key] = self.pipeline(instruction, total, guidance, seed, steps)
+        return self.results[key]
+
+
+@pytest.fixture(scope="session")
+def reference_result(reference):
+    return ReferenceCache(reference)

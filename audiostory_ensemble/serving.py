@@ -1,0 +1,275 @@
+"""What the Triton python models share: request parsing, clip metadata, batched ONNX runners,
+the event-loop thread, and the guard that keeps engine processes from outliving the server.
+
+Kept free of ``triton_python_backend_utils`` so it is importable (and testable) anywhere; the
+``model.py`` files pass tensors in and out as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import interface as I
+from .config import DURATION_POLICIES, MAX_DURATION_S
+from .sampler import MAX_SEED
+
+
+class RequestError(ValueError):
+    """A bad request: the message names the field and the allowed range (INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Accepted ranges for request fields (configurable per deployment)."""
+    max_instruction_bytes: int = 4096
+    min_total_duration: float = 1.0
+    max_total_duration: float = 600.0
+    min_guidance: float = 1.0          # <= 1 turns guidance off (conditional velocity only)
+    max_guidance: float = 20.0
+    min_steps: int = 1
+    max_steps: int = 200
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    instruction: str
+    total_duration: float
+    guidance: float
+    seed: int
+    num_steps: int
+    duration_policy: str
+
+
+def _scalar(get: Callable[[str], np.ndarray | None], t: I.Tensor, kind: type):
+    arr = get(t.name)
+    if arr is None:
+        if t.optional:
+            return t.default
+        raise RequestError(f"{t.name} is required")
+    arr = np.asarray(arr)
+    if arr.size != 1:
+        raise RequestError(f"{t.name} must hold exactly one value, got shape {list(arr.shape)}")
+    value = arr.reshape(-1)[0]
+    if kind is str:
+        if isinstance(value, (bytes, np.bytes_)):
+            try:
+                return bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestError(f"{t.name} must be UTF-8 text") from None
+        if isinstance(value, str):
+            return value
+        raise RequestError(f"{t.name} must be BYTES (UTF-8 text), got {arr.dtype}")
+    if kind is float:
+        if arr.dtype.kind not in "fiu":
+            raise RequestError(f"{t.name} must be {t.dtype}, got {arr.dtype}")
+        return float(value)
+    if arr.dtype.kind not in "iu":
+        raise RequestError(f"{t.name} must be {t.dtype} (an integer), got {arr.dtype}")
+    return int(value)
+
+
+def parse_request(get: Callable[[str], np.ndarray | None], limits: Limits = Limits()) -> RequestParams:
+    """Validate a request's inputs (``get(name)`` returns the numpy array or None) and apply defaults."""
+    instruction = _scalar(get, I.INSTRUCTION, str)
+    if len(instruction.encode("utf-8")) > limits.max_instruction_bytes:
+        raise RequestError(f"INSTRUCTION is {len(instruction.encode())} bytes; the limit is {limits.max_instruction_bytes}")
+    if not instruction.strip():
+        raise RequestError("INSTRUCTION must not be empty or whitespace only")
+    total = _scalar(get, I.TOTAL_DURATION, float)
+    if not (math.isfinite(total) and limits.min_total_duration <= total <= limits.max_total_duration):
+        raise RequestError(f"TOTAL_DURATION must be a number in [{limits.min_total_duration}, "
+                           f"{limits.max_total_duration}] seconds, got {total}")
+    guidance = _scalar(get, I.GUIDANCE_SCALE, float)
+    if not (math.isfinite(guidance) and limits.min_guidance <= guidance <= limits.max_guidance):
+        raise RequestError(f"GUIDANCE_SCALE must be in [{limits.min_guidance}, {limits.max_guidance}] "
+                           f"(1 = no guidance), got {guidance}")
+    seed = _scalar(get, I.SEED, int)
+    if not 0 <= seed <= MAX_SEED:
+        raise RequestError(f"SEED must be in [0, 2^63-1], got {seed}")
+    steps = _scalar(get, I.NUM_STEPS, int)
+    if not limits.min_steps <= steps <= limits.max_steps:
+        raise RequestError(f"NUM_STEPS must be in [{limits.min_steps}, {limits.max_steps}], got {steps}")
+    policy = _scalar(get, I.DURATION_POLICY, str)
+    if policy not in DURATION_POLICIES:
+        raise RequestError(f"DURATION_POLICY must be one of {list(DURATION_POLICIES)}, got {policy!r}")
+    return RequestParams(instruction, float(total), float(guidance), int(seed), int(steps), policy)
+
+
+@dataclass
+class ClipMeta:
+    """Travels with each clip through the ensemble (one BYTES tensor, ``_META``).
+
+    Triton 2.51's ensemble does not pair outputs of different steps per decoupled response (a
+    clip's caption can be joined to another clip's audio), so every step passes this through and
+    the last step emits all public outputs together.
+    """
+    request_id: str
+    index: int
+    caption: str
+    start_s: float
+    duration_s: float          # the clip's length in the story
+    render_s: float            # what the DiT renders: + crossfade for all but the last clip
+    is_last: bool
+    guidance: float
+    seed: int
+    num_steps: int
+
+    def encode(self) -> np.ndarray:
+        return np.array([json.dumps(asdict(self)).encode()], dtype=np.object_)
+
+    @classmethod
+    def decode(cls, arr: np.ndarray) -> "ClipMeta":
+        raw = np.asarray(arr).reshape(-1)[0]
+        return cls(**json.loads(raw.decode() if isinstance(raw, (bytes, np.bytes_)) else raw))
+
+
+def clip_render_duration(duration: float, is_last: bool, crossfade: float) -> float:
+    """The reference's rule: every clip but the last is rendered ``crossfade`` seconds longer."""
+    return float(duration) if is_last else float(duration) + crossfade
+
+
+def clamp_window(seconds: float) -> float:
+    """The DiT renders at most its window (the duration embedder clamps there too)."""
+    return min(float(seconds), MAX_DURATION_S)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batched onnxruntime runner (the CPU form of dit_step / vae_decoder)
+# ------------------------------------------------------------------------------------------------
+
+class OnnxBatchRunner:
+    """Runs one ONNX graph on the rows of several Triton requests at once.
+
+    Each request carries a batch of rows (its first axis); rows are concatenated, run in one
+    session call, and split back. Inputs the graph takes as ``[B]`` arrive from Triton as
+    ``[b, 1]`` and are flattened.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                     if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.inputs = [(i.name, len(i.shape)) for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        sizes = [r[self.inputs[0][0]].shape[0] for r in requests]
+        feed = {}
+        for name, rank in self.inputs:
+            parts = [np.asarray(r[name], dtype=np.float32) for r in requests]
+            arr = np.concatenate(parts, axis=0)
+            feed[name] = arr.reshape(-1) if rank == 1 else arr
+        results = self.session.run(self.outputs, feed)
+        out, start = [], 0
+        for n in sizes:
+            out.append({name: res[start:start + n] for name, res in zip(self.outputs, results)})
+            start += n
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# An asyncio loop on its own thread (for vLLM's AsyncLLM inside a python model)
+# ------------------------------------------------------------------------------------------------
+
+class LoopThread:
+    def __init__(self, name: str = "audiostory-loop"):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro, timeout: float | None = None):
+        return self.submit(coro).result(timeout)
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------
+# Orphan guard
+# ------------------------------------------------------------------------------------------------
+
+def _descendants(pid: int) -> list[int]:
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        for c in children:
+            out.append(int(c))
+            frontier.append(int(c))
+    return out
+
+
+def guard_children(parent_pid: int | None = None) -> subprocess.Popen | None:
+    """Start a watchdog that kills this process's current descendants when this process dies.
+
+    vLLM's engine processes outlive a killed python-backend stub (gigabytes, and leaked shared
+    memory). The watchdog gets SIGKILL-proof notice through a pipe: when the stub dies for any
+    reason its end of the pipe closes, and the watchdog kills the recorded process tree.
+    """
+    parent = parent_pid or os.getpid()
+    pids = _descendants(parent)
+    if not pids:
+        return None
+    read_fd, write_fd = os.pipe()
+    code = (
+        "import os,signal,sys\n"
+        f"fd={read_fd}\n"
+        "pids=[int(p) for p in sys.argv[1:]]\n"
+        "try:\n    os.read(fd, 1)\nexcept OSError:\n    pass\n"
+        "for sig in (signal.SIGTERM, signal.SIGKILL):\n"
+        "    for p in pids:\n"
+        "        try: os.kill(p, sig)\n"
+        "        except OSError: pass\n"
+        "    import time; time.sleep(3)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, pids)], pass_fds=(read_fd,),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    os.close(read_fd)
+    # Keep write_fd open for the life of this process; it closes when the process dies.
+    _KEEP.append(write_fd)
+    return proc
+
+
+_KEEP: list[int] = []
+
+
+def release_guard() -> None:
+    """Normal shutdown: the engines were stopped cleanly, the watchdog may exit quietly."""
+    while _KEEP:
+        fd = _KEEP.pop()
+        try:
+            os.close(fd)
+        except OSError:
+            pass

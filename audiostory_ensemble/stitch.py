@@ -1,0 +1,76 @@
+"""Collect streamed clips (in any order) and join them into the story.
+
+Used by the client and by the ``audiostory_full`` model, so both stitch exactly alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import OUTPUT_SAMPLE_RATE
+from .post import crossfade
+
+
+@dataclass
+class Clip:
+    index: int
+    caption: str
+    audio: np.ndarray      # [2, T] at 32 kHz
+    start_s: float
+    duration_s: float
+    is_last: bool
+
+
+@dataclass
+class Story:
+    audio: np.ndarray
+    clips: list[Clip]
+    sample_rate: int = OUTPUT_SAMPLE_RATE
+
+    @property
+    def captions(self) -> list[str]:
+        return [c.caption for c in self.clips]
+
+    @property
+    def starts(self) -> list[float]:
+        return [c.start_s for c in self.clips]
+
+    @property
+    def durations(self) -> list[float]:
+        return [c.duration_s for c in self.clips]
+
+
+class StoryAssembler:
+    """Clips may arrive out of order under load: the index is authoritative."""
+
+    def __init__(self):
+        self.clips: dict[int, Clip] = {}
+        self.count: int | None = None     # known once the last clip arrived
+
+    def add(self, index: int, caption: str, audio: np.ndarray, start_s: float, duration_s: float,
+            is_last: bool) -> Clip:
+        if index in self.clips:
+            raise ValueError(f"clip {index} arrived twice")
+        clip = Clip(index, caption, np.asarray(audio, dtype=np.float32), start_s, duration_s, is_last)
+        self.clips[index] = clip
+        if is_last:
+            self.count = index + 1
+        return clip
+
+    @property
+    def complete(self) -> bool:
+        return self.count is not None and all(i in self.clips for i in range(self.count))
+
+    def finish(self) -> Story:
+        if self.count is None:
+            raise ValueError(f"no last clip among {len(self.clips)} received")
+        missing = [i for i in range(self.count) if i not in self.clips]
+        if missing:
+            raise ValueError(f"clips {missing} of {self.count} never arrived")
+        extra = sorted(i for i in self.clips if i >= self.count)
+        if extra:
+            raise ValueError(f"clips {extra} arrived after the last clip ({self.count - 1})")
+        ordered = [self.clips[i] for i in range(self.count)]
+        return Story(crossfade([c.audio for c in ordered], OUTPUT_SAMPLE_RATE), ordered)

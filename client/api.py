@@ -1,0 +1,130 @@
+"""Client library: stream a story over gRPC (``audiostory``) or fetch it whole over HTTP
+(``audiostory_full``)."""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from typing import Iterator
+
+import numpy as np
+
+from audiostory_ensemble import interface as I
+from audiostory_ensemble.stitch import Clip, Story, StoryAssembler
+
+
+class AudioStoryError(RuntimeError):
+    """The server refused or failed the request; the message is the server's."""
+
+
+def request_arrays(instruction: str, total_duration: float | None = None, guidance: float | None = None,
+                   seed: int | None = None, num_steps: int | None = None,
+                   duration_policy: str | None = None) -> dict[str, np.ndarray]:
+    """The request's input tensors; ``None`` leaves an optional input out (server default)."""
+    values = {I.INSTRUCTION: instruction, I.TOTAL_DURATION: total_duration, I.GUIDANCE_SCALE: guidance,
+              I.SEED: seed, I.NUM_STEPS: num_steps, I.DURATION_POLICY: duration_policy}
+    out = {}
+    for t, v in values.items():
+        if v is None:
+            continue
+        if t.dtype == "BYTES":
+            out[t.name] = np.array([v.encode("utf-8") if isinstance(v, str) else v], dtype=np.object_)
+        else:
+            out[t.name] = np.array([v], dtype=t.numpy_dtype)
+    return out
+
+
+def _clip_from(get) -> Clip:
+    return Clip(int(get(I.CLIP_INDEX.name)[0]), get(I.CAPTION.name)[0].decode("utf-8"),
+                get(I.CLIP_AUDIO.name), float(get(I.CLIP_START_S.name)[0]),
+                float(get(I.CLIP_DURATION_S.name)[0]), bool(get(I.IS_LAST.name)[0]))
+
+
+class AudioStoryClient:
+    """Streams clips from the ``audiostory`` ensemble over gRPC."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", model: str = I.ENSEMBLE):
+        import tritonclient.grpc as grpcclient
+        self._grpc = grpcclient
+        self.url = url
+        self.model = model
+
+    def stream(self, instruction: str, *, timeout: float = 600.0, **params) -> Iterator[Clip]:
+        """Yields clips as they arrive (possibly out of order; ``Clip.index`` is authoritative)."""
+        g = self._grpc
+        client = g.InferenceServerClient(self.url)
+        responses: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        inputs = []
+        for name, arr in request_arrays(instruction, **params).items():
+            t = next(t for t in I.REQUEST_INPUTS if t.name == name)
+            inp = g.InferInput(name, list(arr.shape), t.dtype)
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        outputs = [g.InferRequestedOutput(t.name) for t in I.CLIP_OUTPUTS]
+        deadline = time.monotonic() + timeout
+        finished = False
+        try:
+            client.async_stream_infer(self.model, inputs, outputs=outputs, request_id=uuid.uuid4().hex,
+                                      enable_empty_final_response=True)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no complete story within {timeout:.0f} s")
+                try:
+                    result, error = responses.get(timeout=left)
+                except queue.Empty:
+                    continue
+                if error is not None:
+                    raise AudioStoryError(str(error.message() if hasattr(error, "message") else error))
+                response = result.get_response()
+                if result.as_numpy(I.CLIP_AUDIO.name) is not None:
+                    yield _clip_from(result.as_numpy)
+                final = response.parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    finished = True
+                    return
+        finally:
+            client.stop_stream(cancel_requests=not finished)
+            client.close()
+
+    def generate(self, instruction: str, *, on_clip=None, timeout: float = 600.0, **params) -> Story:
+        """The whole story, stitched client-side exactly as ``audiostory_full`` does."""
+        story = StoryAssembler()
+        for clip in self.stream(instruction, timeout=timeout, **params):
+            story.add(clip.index, clip.caption, clip.audio, clip.start_s, clip.duration_s, clip.is_last)
+            if on_clip is not None:
+                on_clip(clip)
+        try:
+            return story.finish()
+        except ValueError as e:
+            raise AudioStoryError(f"incomplete story: {e}") from None
+
+
+def generate_http(instruction: str, url: str = "127.0.0.1:8000", model: str = I.FULL_MODEL,
+                  timeout: float = 600.0, **params) -> Story:
+    """The whole story from ``audiostory_full`` over HTTP."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
+    inputs = []
+    for name, arr in request_arrays(instruction, **params).items():
+        t = next(t for t in I.REQUEST_INPUTS if t.name == name)
+        inp = httpclient.InferInput(name, list(arr.shape), t.dtype)
+        inp.set_data_from_numpy(arr, binary_data=True)
+        inputs.append(inp)
+    outputs = [httpclient.InferRequestedOutput(t.name, binary_data=True) for t in I.FULL_OUTPUTS]
+    try:
+        result = client.infer(model, inputs, outputs=outputs, timeout=int(timeout * 1e6))
+    except InferenceServerException as e:
+        raise AudioStoryError(e.message()) from None
+    finally:
+        client.close()
+    captions = [c.decode("utf-8") for c in result.as_numpy(I.CAPTIONS.name)]
+    starts = result.as_numpy(I.CLIP_STARTS_S.name)
+    durations = result.as_numpy(I.CLIP_DURATIONS_S.name)
+    clips = [Clip(i, c, np.zeros((2, 0), np.float32), float(s), float(d), i == len(captions) - 1)
+             for i, (c, s, d) in enumerate(zip(captions, starts, durations))]
+    return Story(result.as_numpy(I.AUDIO.name), clips)

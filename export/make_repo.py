@@ -1,0 +1,181 @@
+"""Fill the model-repository templates into a deployable Triton repository.
+
+    python export/make_repo.py --profile cpu --model tiny [--out build/model_repository] [--settings S.json]
+
+One source of truth: tensor names/shapes come from ``audiostory_ensemble.interface`` and the
+converted checkpoint's ``model_config.json``; batch sizes, instance counts, engine options and
+limits come from the profile defaults below, overridden by ``--settings`` (a JSON object with the
+same keys). Every ``${field}`` of every template must be filled, or the tool stops and names it.
+
+Profiles:
+  cpu  dit_step / vae_decoder as python models running the ONNX graphs on onnxruntime
+  gpu  dit_step / vae_decoder as tensorrt_plan models over the engines from build_engines.py;
+       llm on GPU; the same python models elsewhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import string
+import sys
+from pathlib import Path
+
+from audiostory_ensemble import interface as I
+from audiostory_ensemble import layout
+from audiostory_ensemble.checkpoint import load_converted
+from audiostory_ensemble.serving import Limits
+
+TEMPLATES = layout.PROJECT_ROOT / "model_repository"
+PIPELINE = ("llm", "bridge", "dit_sampler", "dit_step", "vae_decoder", "postprocess", "audiostory",
+            "audiostory_full")
+ONNX_MODEL_PY = TEMPLATES / "dit_step" / "1" / "model.py"   # shared by dit_step and vae_decoder
+
+PROFILES = {
+    "cpu": {
+        "dit_max_batch": 16, "dit_queue_delay_us": 2000, "dit_instances": 1, "dit_threads": 2,
+        "vae_max_batch": 4, "vae_queue_delay_us": 2000, "vae_instances": 1, "vae_threads": 2,
+        "bridge_instances": 1, "full_instances": 4,
+        "engine_options": {"dtype": "float32", "max_model_len": 2048, "kv_cache_gib": 1, "enforce_eager": True},
+        "limits": {},
+    },
+    "gpu": {
+        "dit_max_batch": 16, "dit_queue_delay_us": 1000, "dit_instances": 1, "dit_threads": 0,
+        "vae_max_batch": 4, "vae_queue_delay_us": 1000, "vae_instances": 1, "vae_threads": 0,
+        "bridge_instances": 1, "full_instances": 8,
+        "engine_options": {"dtype": "bfloat16", "max_model_len": 4096, "generate_gpu_memory_utilization": 0.35,
+                           "pooling_gpu_memory_utilization": 0.15, "enforce_eager": False},
+        "engines": {"dit_step": None, "vae_decoder": None},   # plan file names, from engines.json
+        "limits": {},
+    },
+}
+
+
+def _json_literal(obj) -> str:
+    """A protobuf text string literal holding compact JSON."""
+    return json.dumps(json.dumps(obj, separators=(",", ":")))
+
+
+def _tensor_lines(tensors, optional=None) -> str:
+    return ",\n".join(t.pbtxt(optional) for t in tensors)
+
+
+def _maps(kind: str, names) -> str:
+    return "\n".join(f'      {kind} {{ key: "{n}" value: "{n}" }}' for n in names)
+
+
+def dit_input_lines(n: int, tensorrt: bool) -> str:
+    shapes = {"x": "645, 64", "cond": f"{n}, 1024", "duration": "1", "sigma": "1", "sigma_next": "1",
+              "guidance": "1"}
+    lines = []
+    for name, dims in shapes.items():
+        reshape = " reshape: { shape: [ ] }" if tensorrt and dims == "1" else ""
+        lines.append(f'  {{ name: "{name}" data_type: TYPE_FP32 dims: [ {dims} ]{reshape} }}')
+    return ",\n".join(lines)
+
+
+def fields(profile: str, settings: dict, checkpoint: Path, onnx_dir: Path, engines_dir: Path) -> dict:
+    cfg = load_converted(checkpoint).config
+    limits = Limits(**settings.get("limits", {}))
+    gpu = profile == "gpu"
+    f = {
+        "n": cfg.num_t5_tokens, "m": cfg.num_aud_tokens, "llm_hidden": cfg.llm.hidden_size,
+        "checkpoint": str(checkpoint),
+        "request_inputs": _tensor_lines(I.REQUEST_INPUTS),
+        "clip_outputs": _tensor_lines(I.CLIP_OUTPUTS),
+        "full_outputs": _tensor_lines(I.FULL_OUTPUTS),
+        "llm_input_map": _maps("input_map", [t.name for t in I.REQUEST_INPUTS]),
+        "clip_output_map": _maps("output_map", [t.name for t in I.CLIP_OUTPUTS]),
+        "engine_options": _json_literal(settings["engine_options"]),
+        "limits": _json_literal(vars(limits)),
+        "llm_kind": "KIND_MODEL" if gpu else "KIND_CPU",
+        "engine_kind": "KIND_GPU" if gpu else "KIND_CPU",
+        "dit_inputs": dit_input_lines(cfg.num_t5_tokens, tensorrt=gpu),
+    }
+    for key in ("dit_max_batch", "dit_queue_delay_us", "dit_instances", "vae_max_batch", "vae_queue_delay_us",
+                "vae_instances", "bridge_instances", "full_instances"):
+        f[key] = settings[key]
+    return f
+
+
+def per_model_fields(name: str, profile: str, settings: dict, onnx_dir: Path, engines_dir: Path) -> dict:
+    if name not in ("dit_step", "vae_decoder"):
+        return {}
+    short = "dit" if name == "dit_step" else "vae"
+    if profile == "gpu":
+        plan = (settings.get("engines") or {}).get(name)
+        if not plan:
+            raise SystemExit(f"make_repo: no TensorRT engine for {name}: run `make engines` "
+                             f"(or set engines.{name} in --settings)")
+        return {"form": "GPU form: TensorRT engine.", "backend": 'platform: "tensorrt_plan"',
+                "engine_parameters": f'default_model_filename: "{plan}"', "plan_file": plan}
+    onnx = onnx_dir / f"{name}.onnx"
+    if not onnx.exists():
+        raise SystemExit(f"make_repo: {onnx} not found: run `make export` first")
+    threads = settings[f"{short}_threads"]
+    return {"form": "CPU form: python model on onnxruntime.", "backend": 'backend: "python"',
+            "engine_parameters": (f'parameters {{ key: "onnx_path" value: {{ string_value: "{onnx}" }} }}\n'
+                                  f'parameters {{ key: "threads" value: {{ string_value: "{threads}" }} }}')}
+
+
+def render(template: str, values: dict, where: str) -> str:
+    missing = sorted(set(re.findall(r"\$\{(\w+)\}", template)) - set(values))
+    if missing:
+        raise SystemExit(f"make_repo: {where}: no value for {', '.join(missing)}")
+    return string.Template(template).substitute({k: str(v) for k, v in values.items()})
+
+
+def make_repo(profile: str, model: str, out: Path, settings_path: Path | None = None) -> Path:
+    if profile not in PROFILES:
+        raise SystemExit(f"make_repo: profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    settings = json.loads(json.dumps(PROFILES[profile]))
+    if settings_path:
+        overrides = json.loads(Path(settings_path).read_text())
+        unknown = set(overrides) - set(settings)
+        if unknown:
+            raise SystemExit(f"make_repo: unknown setting(s) {sorted(unknown)}; known: {sorted(settings)}")
+        settings.update(overrides)
+    checkpoint = layout.converted_dir(model) if not Path(model).exists() else Path(model).resolve()
+    onnx_dir = layout.export_dir(model)
+    engines_dir = layout.BUILD / "engines" / model
+    if profile == "gpu" and not settings.get("engines", {}).get("dit_step"):
+        manifest = engines_dir / "engines.json"
+        if manifest.exists():
+            settings["engines"] = json.loads(manifest.read_text())["engines"]
+    common = fields(profile, settings, checkpoint, onnx_dir, engines_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    for name in PIPELINE:
+        src = TEMPLATES / name
+        dst = out / name
+        (dst / "1").mkdir(parents=True)
+        values = {**common, **per_model_fields(name, profile, settings, onnx_dir, engines_dir)}
+        (dst / "config.pbtxt").write_text(render((src / "config.pbtxt").read_text(), values, f"{name}/config.pbtxt"))
+        if name in ("dit_step", "vae_decoder"):
+            if profile == "gpu":
+                shutil.copy(engines_dir / values["plan_file"], dst / "1" / values["plan_file"])
+            else:
+                shutil.copy(ONNX_MODEL_PY, dst / "1" / "model.py")
+        elif (src / "1" / "model.py").exists():
+            shutil.copy(src / "1" / "model.py", dst / "1" / "model.py")
+    (out / "repository.json").write_text(json.dumps({"profile": profile, "model": model, "settings": settings},
+                                                    indent=2) + "\n")
+    print(f"make_repo: wrote {out} ({profile}, {model})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Fill the model-repository templates")
+    ap.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
+    ap.add_argument("--model", default="tiny", help="tiny, full, or a converted checkpoint folder")
+    ap.add_argument("--out", default=str(layout.BUILD / "model_repository"))
+    ap.add_argument("--settings", default=None, help="JSON overrides of the profile's settings")
+    args = ap.parse_args(argv)
+    make_repo(args.profile, args.model, Path(args.out), Path(args.settings) if args.settings else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

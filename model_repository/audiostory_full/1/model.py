@@ -1,0 +1,55 @@
+"""audiostory_full: the whole story in one response (for HTTP clients and simple load tests).
+
+Calls the streaming `audiostory` ensemble through BLS, orders the clips by index, crossfades them
+with the reference's rule, and returns the story with its captions and timings. Not decoupled
+(HTTP cannot carry streams); concurrency comes from the instance count.
+"""
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from audiostory_ensemble import interface as I
+from audiostory_ensemble import serving
+from audiostory_ensemble.stitch import StoryAssembler
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"]).get("parameters", {})
+        self.ensemble = params.get("ensemble", {}).get("string_value", I.ENSEMBLE)
+        self.limits = serving.Limits(**json.loads(params.get("limits", {}).get("string_value", "{}")))
+
+    def execute(self, requests):
+        return [self._one(r) for r in requests]
+
+    def _one(self, request):
+        inputs = {t.name: pb_utils.get_input_tensor_by_name(request, t.name) for t in I.REQUEST_INPUTS}
+        try:
+            serving.parse_request(lambda n: None if inputs[n] is None else inputs[n].as_numpy(), self.limits)
+        except serving.RequestError as e:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+        story = StoryAssembler()
+        bls = pb_utils.InferenceRequest(
+            model_name=self.ensemble, inputs=[t for t in inputs.values() if t is not None],
+            requested_output_names=[t.name for t in I.CLIP_OUTPUTS])
+        for response in bls.exec(decoupled=True):
+            if response.has_error():
+                return pb_utils.InferenceResponse(error=response.error())
+            audio = pb_utils.get_output_tensor_by_name(response, I.CLIP_AUDIO.name)
+            if audio is None:  # the stream's final-flag response
+                continue
+            get = lambda name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()  # noqa: E731
+            story.add(int(get(I.CLIP_INDEX.name)[0]), get(I.CAPTION.name)[0].decode(), audio.as_numpy(),
+                      float(get(I.CLIP_START_S.name)[0]), float(get(I.CLIP_DURATION_S.name)[0]),
+                      bool(get(I.IS_LAST.name)[0]))
+        try:
+            result = story.finish()
+        except ValueError as e:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"incomplete story: {e}"))
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor(I.AUDIO.name, result.audio),
+            pb_utils.Tensor(I.CAPTIONS.name, np.array([c.encode() for c in result.captions], dtype=np.object_)),
+            pb_utils.Tensor(I.CLIP_STARTS_S.name, np.array(result.starts, dtype=np.float32)),
+            pb_utils.Tensor(I.CLIP_DURATIONS_S.name, np.array(result.durations, dtype=np.float32)),
+        ])

@@ -1,0 +1,32 @@
+"""bridge: bridging queries (LLM hidden states) -> fused conditioning tokens, in torch."""
+import json
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from audiostory_ensemble.checkpoint import load_converted
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"]).get("parameters", {})
+        torch.set_num_threads(int(params.get("threads", {}).get("string_value", "1")))
+        self.bridge = load_converted(params["checkpoint"]["string_value"]).bridge()
+
+    @torch.no_grad()
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            sem = pb_utils.get_input_tensor_by_name(request, "_SEM")
+            res = pb_utils.get_input_tensor_by_name(request, "_RES")
+            meta = pb_utils.get_input_tensor_by_name(request, "_META")
+            if sem is None or res is None or meta is None:  # a final-flag placeholder
+                responses.append(pb_utils.InferenceResponse([]))
+                continue
+            cond = self.bridge(torch.from_numpy(sem.as_numpy()[None]), torch.from_numpy(res.as_numpy()[None]))[0]
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("_COND", np.ascontiguousarray(cond.numpy(), dtype=np.float32)),
+                pb_utils.Tensor("_META", meta.as_numpy()),
+            ]))
+        return responses

@@ -1,0 +1,67 @@
+"""dit_sampler: the flow-matching loop for one clip, one `dit_step` request per step (BLS).
+
+Decoupled with an async execute: every clip in flight is a coroutine awaiting its next step, so
+steps of many clips (and requests) meet in `dit_step`'s dynamic batcher.
+"""
+import asyncio
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from audiostory_ensemble import serving
+from audiostory_ensemble.sampler import flow_sigmas, initial_noise
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.logger = pb_utils.Logger
+        self.step_model = json.loads(args["model_config"]).get("parameters", {}).get(
+            "step_model", {}).get("string_value", "dit_step")
+        self.noise_cache = {0: initial_noise(0).numpy()}
+
+    async def execute(self, requests):
+        await asyncio.gather(*(self._one(r) for r in requests))
+        return None
+
+    def _noise(self, seed):
+        if seed not in self.noise_cache:
+            if len(self.noise_cache) > 64:
+                self.noise_cache = {0: self.noise_cache[0]}
+            self.noise_cache[seed] = initial_noise(seed).numpy()
+        return self.noise_cache[seed]
+
+    async def _one(self, request):
+        sender = request.get_response_sender()
+        cond_t = pb_utils.get_input_tensor_by_name(request, "_COND")
+        meta_t = pb_utils.get_input_tensor_by_name(request, "_META")
+        if cond_t is None or meta_t is None:  # a final-flag placeholder
+            sender.send(flags=FINAL)
+            return
+        try:
+            meta = serving.ClipMeta.decode(meta_t.as_numpy())
+            cond = cond_t.as_numpy()[None].astype(np.float32)
+            x = self._noise(meta.seed).copy()
+            sigmas = flow_sigmas(meta.num_steps).numpy()
+            row = lambda v: np.array([[v]], dtype=np.float32)  # noqa: E731
+            duration, guidance = row(meta.render_s), row(meta.guidance)
+            for i in range(meta.num_steps):
+                if sender.is_cancelled():
+                    sender.send(flags=FINAL)
+                    return
+                inputs = [pb_utils.Tensor("x", x), pb_utils.Tensor("cond", cond),
+                          pb_utils.Tensor("duration", duration), pb_utils.Tensor("sigma", row(sigmas[i])),
+                          pb_utils.Tensor("sigma_next", row(sigmas[i + 1])), pb_utils.Tensor("guidance", guidance)]
+                result = await pb_utils.InferenceRequest(
+                    model_name=self.step_model, inputs=inputs, requested_output_names=["x_next"]).async_exec()
+                if result.has_error():
+                    raise RuntimeError(f"{self.step_model}: {result.error().message()}")
+                x = pb_utils.get_output_tensor_by_name(result, "x_next").as_numpy()
+            sender.send(pb_utils.InferenceResponse([
+                pb_utils.Tensor("_LATENT", np.ascontiguousarray(x[0])), pb_utils.Tensor("_META", meta_t.as_numpy())]),
+                flags=FINAL)
+        except Exception as e:  # noqa: BLE001
+            self.logger.log_error(f"dit_sampler: {type(e).__name__}: {e}")
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)

@@ -1,0 +1,20 @@
+"""dit_step and vae_decoder (CPU form): one ONNX graph on onnxruntime, the rows of all batched
+requests in one session call. On GPU hosts the tensorrt_plan platform serves the same graph."""
+import json
+
+import triton_python_backend_utils as pb_utils
+
+from audiostory_ensemble.serving import OnnxBatchRunner
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"]).get("parameters", {})
+        self.runner = OnnxBatchRunner(params["onnx_path"]["string_value"],
+                                      int(params.get("threads", {}).get("string_value", "0")))
+
+    def execute(self, requests):
+        feeds = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name, _ in self.runner.inputs}
+                 for r in requests]
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()])
+                for out in self.runner.run(feeds)]

@@ -1,0 +1,89 @@
+"""llm: the story planner on vLLM (generate + pooling engines), decoupled: one response per clip.
+
+Thin adapter over ``audiostory_ensemble.planner``. Traps handled here (Triton 2.51 + vLLM):
+locale set before importing vLLM; engines guarded against outliving the stub; the last clip
+carries the final flag (no empty trailing response); ``is_cancelled()`` is never called after
+the final response was sent.
+"""
+import locale
+import json
+import os
+
+locale.setlocale(locale.LC_CTYPE, "")  # the stub starts with an ASCII locale; vLLM needs UTF-8
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from audiostory_ensemble import serving  # noqa: E402
+from audiostory_ensemble.config import CROSSFADE_S  # noqa: E402
+from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest  # noqa: E402
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _param(args, key, default=None):
+    params = json.loads(args["model_config"]).get("parameters", {})
+    return params.get(key, {}).get("string_value", default)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.logger = pb_utils.Logger
+        options = EngineOptions.from_dict(json.loads(_param(args, "engine_options", "{}")))
+        self.limits = serving.Limits(**json.loads(_param(args, "limits", "{}")))
+        self.loop = serving.LoopThread("llm-loop")
+        self.planner = Planner.from_model(_param(args, "checkpoint"), options)
+        self.loop.run(self.planner.start())
+        serving.guard_children()
+        self.logger.log_info(f"llm: engines ready on {self.planner.converted.llm_dir}")
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                params = serving.parse_request(
+                    lambda name: _input(request, name), self.limits)
+            except serving.RequestError as e:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    str(e), pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
+                continue
+            self.loop.submit(self._serve(request.request_id() or "", params, sender))
+        return None
+
+    async def _serve(self, triton_id, params, sender):
+        req = PlanRequest(params.instruction, params.total_duration, params.seed, params.duration_policy)
+        sent_final = False
+        try:
+            async for clip in self.planner.plan(req):
+                if sender.is_cancelled():
+                    await self.planner.abort(req.request_id)
+                    break
+                meta = serving.ClipMeta(
+                    triton_id or req.request_id, clip.index, clip.caption, clip.start_s, clip.duration,
+                    serving.clip_render_duration(clip.duration, clip.is_last, CROSSFADE_S),
+                    clip.is_last, params.guidance, params.seed, params.num_steps)
+                response = pb_utils.InferenceResponse([
+                    pb_utils.Tensor("_SEM", clip.sem.astype(np.float32)),
+                    pb_utils.Tensor("_RES", clip.res.astype(np.float32)),
+                    pb_utils.Tensor("_META", meta.encode()),
+                ])
+                sender.send(response, flags=FINAL if clip.is_last else 0)
+                sent_final = clip.is_last
+        except Exception as e:  # noqa: BLE001 - every failure becomes an error response
+            self.logger.log_error(f"llm: request {triton_id}: {type(e).__name__}: {e}")
+            if not sent_final:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+                sent_final = True
+        if not sent_final:
+            sender.send(flags=FINAL)
+
+    def finalize(self):
+        self.planner.shutdown()
+        self.loop.stop()
+        serving.release_guard()
+
+
+def _input(request, name):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()

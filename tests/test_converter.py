@@ -1,0 +1,81 @@
+"""The converter on the tiny release: every key accounted for, the LoRA merged correctly."""
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from audiostory_ensemble import layout
+from export.convert_checkpoint import ConversionError, convert
+
+
+def test_every_key_consumed_and_parts_written(tiny_release, converted):
+    state = torch.load(tiny_release / layout.RELEASE_WEIGHTS, map_location="cpu", weights_only=True)
+    manifest = json.loads((converted.root / layout.MANIFEST).read_text())
+    assert manifest["keys_consumed"] == len(state)
+    for name in (layout.BRIDGE_WEIGHTS, layout.DIT_WEIGHTS, layout.UNCOND_WEIGHTS, layout.VAE_WEIGHTS,
+                 layout.MODEL_CONFIG, f"{layout.LLM_DIR}/config.json", f"{layout.LLM_DIR}/model.safetensors"):
+        assert (converted.root / name).exists(), name
+    hydra = yaml.safe_load((tiny_release / layout.RELEASE_CONFIG).read_text())
+    cfg = converted.config
+    assert cfg.num_t5_tokens == hydra["train_dataset"]["datapipes"][0]["num_t5_out_tokens"]
+    assert cfg.num_aud_tokens == hydra["train_dataset"]["datapipes"][0]["num_aud_out_tokens"]
+    assert converted.uncond_tokens().shape == (cfg.num_t5_tokens, 1024)
+
+
+def test_merged_llm_equals_lora_forward(tiny_release, converted):
+    from transformers import AutoModelForCausalLM
+
+    state = torch.load(tiny_release / layout.RELEASE_WEIGHTS, map_location="cpu", weights_only=True)
+    hydra = yaml.safe_load((tiny_release / layout.RELEASE_CONFIG).read_text())
+    peft = hydra["llm_model"]["peft_config"]
+    scale = peft["lora_alpha"] / peft["r"]
+    model = AutoModelForCausalLM.from_pretrained(converted.llm_dir, dtype=torch.float32).eval()
+    merged = model.state_dict()
+    x = torch.randn(5, converted.config.llm.hidden_size, generator=torch.Generator().manual_seed(0))
+    p = layout.LLM_PREFIX
+    for layer in range(converted.config.llm.num_layers):
+        for sub, proj in (("self_attn", "q_proj"), ("self_attn", "v_proj"), ("mlp", "gate_proj")):
+            stem = f"{p}model.layers.{layer}.{sub}.{proj}."
+            w, a, b = state[stem + "weight"], state[stem + "lora_A.default.weight"], state[stem + "lora_B.default.weight"]
+            lora_forward = x @ w.T + scale * ((x @ a.T) @ b.T)
+            merged_forward = x @ merged[f"model.layers.{layer}.{sub}.{proj}.weight"].T
+            torch.testing.assert_close(merged_forward, lora_forward, rtol=1e-5, atol=1e-5)
+        # The trained norm (modules_to_save) is used, not the original one.
+        torch.testing.assert_close(merged[f"model.layers.{layer}.input_layernorm.weight"],
+                                   state[f"{p}model.layers.{layer}.input_layernorm.modules_to_save.default.weight"])
+    assert model.config.vocab_size == len(converted.tokenizer)
+    assert model.config.tie_word_embeddings
+
+
+def _copy_release(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".content-hash"))
+    return dst
+
+
+def test_unconsumed_key_is_an_error_naming_it(tiny_release, tmp_path):
+    release = _copy_release(tiny_release, tmp_path / "release")
+    state = torch.load(release / layout.RELEASE_WEIGHTS, map_location="cpu", weights_only=True)
+    state["tangoflux.something_new.weight"] = torch.zeros(2)
+    torch.save(state, release / layout.RELEASE_WEIGHTS)
+    with pytest.raises(ConversionError, match="unconsumed keys.*tangoflux.something_new.weight"):
+        convert(release, tmp_path / "out", "tiny")
+
+
+def test_missing_key_is_an_error_naming_it(tiny_release, tmp_path):
+    release = _copy_release(tiny_release, tmp_path / "release")
+    state = torch.load(release / layout.RELEASE_WEIGHTS, map_location="cpu", weights_only=True)
+    key = f"{layout.LLM_PREFIX}model.layers.1.mlp.up_proj.lora_B.default.weight"
+    del state[key]
+    torch.save(state, release / layout.RELEASE_WEIGHTS)
+    with pytest.raises(ConversionError, match=f"missing key.*{key}"):
+        convert(release, tmp_path / "out", "tiny")
+
+
+def test_conversion_is_skipped_when_unchanged(tiny_release, converted, capsys):
+    convert(tiny_release, converted.root, "tiny")
+    assert "up to date" in capsys.readouterr().out
+    weights = load_file(str(converted.root / layout.DIT_WEIGHTS))
+    assert any(k.startswith("duration_embedder.") for k in weights)
