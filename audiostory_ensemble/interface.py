@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import (DEFAULT_DURATION_POLICY, DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS, DEFAULT_SEED,
-                     DEFAULT_TOTAL_DURATION_S, DURATION_POLICIES, OUTPUT_SAMPLE_RATE)
+                     DEFAULT_TOTAL_DURATION_S, OUTPUT_SAMPLE_RATE)
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class Tensor:
     def pbtxt(self, optional: bool | None = None) -> str:
         opt = self.optional if optional is None else optional
         dims = ", ".join(str(d) for d in self.dims)
-        return (f'  {{ name: "{self.name}" data_type: TYPE_{self.dtype} dims: [ {dims} ]'
+        config_type = "STRING" if self.dtype == "BYTES" else self.dtype  # config.pbtxt's name for BYTES
+        return (f'  {{ name: "{self.name}" data_type: TYPE_{config_type} dims: [ {dims} ]'
                 + (" optional: true" if opt else "") + " }")
 
 
@@ -44,7 +45,8 @@ SEED = Tensor("SEED", "INT64", (1,), "seed: lead phrase and initial noise (0 = t
               DEFAULT_SEED, True)
 NUM_STEPS = Tensor("NUM_STEPS", "INT32", (1,), "flow-matching Euler steps", DEFAULT_NUM_STEPS, True)
 DURATION_POLICY = Tensor("DURATION_POLICY", "BYTES", (1,),
-                         f"clip durations: {' | '.join(DURATION_POLICIES)} (model = as the LLM wrote them)",
+                         "clip durations: model (as the LLM wrote them, the reference) or exact "
+                         "(scaled to TOTAL_DURATION; clips are released once the plan is complete)",
                          DEFAULT_DURATION_POLICY, True)
 REQUEST_INPUTS = (INSTRUCTION, TOTAL_DURATION, GUIDANCE_SCALE, SEED, NUM_STEPS, DURATION_POLICY)
 
@@ -72,3 +74,29 @@ FULL_MODEL = "audiostory_full"
 
 def defaults() -> dict:
     return {t.name: t.default for t in REQUEST_INPUTS if t.optional}
+
+
+def markdown_tables() -> str:
+    """The interface as README tables (a test keeps the README in step with this module)."""
+    def rows(tensors, with_default):
+        out = []
+        for t in tensors:
+            dims = "[" + ", ".join("T" if d == -1 and i else ("K" if d == -1 else str(d))
+                                   for i, d in enumerate(t.dims)) + "]"
+            default = ("required" if not t.optional else f"`{t.default}`") if with_default else ""
+            out.append(f"| `{t.name}` | {t.dtype} | {dims} | " + (f"{default} | " if with_default else "")
+                       + f"{t.description} |")
+        return out
+
+    lines = ["Inputs (`audiostory` and `audiostory_full`):", "",
+             "| name | type | shape | default | meaning |", "|---|---|---|---|---|",
+             *rows(REQUEST_INPUTS, True), "",
+             "Streamed outputs of `audiostory`, one response per clip:", "",
+             "| name | type | shape | meaning |", "|---|---|---|---|", *rows(CLIP_OUTPUTS, False), "",
+             "Outputs of `audiostory_full`:", "",
+             "| name | type | shape | meaning |", "|---|---|---|---|", *rows(FULL_OUTPUTS, False)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_tables())

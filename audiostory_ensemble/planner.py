@@ -92,6 +92,7 @@ class PlannedClip:
     is_last: bool
     sem: np.ndarray               # [N, H] float32 hidden states at the <t5_i> positions
     res: np.ndarray               # [M, H] float32 hidden states at the <aud_i> positions
+    generated_tokens: int = 0     # tokens generated for the request when this clip was released
 
 
 @dataclass
@@ -223,7 +224,6 @@ class Planner:
                 )
                 sub_id = f"{rid}-g{part}"
                 part += 1
-                self._active = sub_id
                 last = None
                 async for out in self.generate_engine.generate({"prompt_token_ids": prompt + gen}, params, sub_id):
                     new = list(out.outputs[0].token_ids)
@@ -232,7 +232,7 @@ class Planner:
                         if t == tok.gen_open and pending:
                             # Another clip follows: release what is complete.
                             for span, task in pending:
-                                yield await self._clip(span, task, prompt, is_last=False, start_s=start_s)
+                                yield await self._clip(span, task, prompt, False, start_s, len(gen))
                                 start_s += span.duration
                             pending = []
                     last = out
@@ -265,7 +265,7 @@ class Planner:
                                   + (f" ({'; '.join(dropped)})" if dropped else ""),
                                   text=self.tokenizer.decode(gen))
             for i, (span, task) in enumerate(pending):
-                yield await self._clip(span, task, prompt, is_last=(i == len(pending) - 1), start_s=start_s)
+                yield await self._clip(span, task, prompt, i == len(pending) - 1, start_s, len(gen))
                 start_s += span.duration
             pending = []
         except (PlanError, PlannerError):
@@ -301,7 +301,7 @@ class Planner:
         return f"{why} (cut by the token limit)"
 
     async def _clip(self, span: ClipSpan, task: asyncio.Task, prompt: list[int], is_last: bool,
-                    start_s: float) -> PlannedClip:
+                    start_s: float, generated: int) -> PlannedClip:
         hidden = await task
         p = len(prompt)
         n, m = self.tok.n, self.tok.m
@@ -310,7 +310,7 @@ class Planner:
         if sem.shape[0] != n or res.shape[0] != m:
             raise PlannerError(f"pooling engine returned {hidden.shape[0]} positions, clip {span.index} needs more")
         return PlannedClip(span.index, span.caption, span.duration, span.duration, start_s, is_last,
-                           np.ascontiguousarray(sem), np.ascontiguousarray(res))
+                           np.ascontiguousarray(sem), np.ascontiguousarray(res), generated)
 
 
 def scale_to_total(clips: list[PlannedClip], total: float) -> list[PlannedClip]:
@@ -323,6 +323,7 @@ def scale_to_total(clips: list[PlannedClip], total: float) -> list[PlannedClip]:
     out = []
     for c in clips:
         d = c.llm_duration * factor
-        out.append(PlannedClip(c.index, c.caption, d, c.llm_duration, start, c.is_last, c.sem, c.res))
+        out.append(PlannedClip(c.index, c.caption, d, c.llm_duration, start, c.is_last, c.sem, c.res,
+                               c.generated_tokens))
         start += d
     return out

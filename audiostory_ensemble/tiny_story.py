@@ -1,9 +1,9 @@
 """A small synthetic story world, and the transcripts the tiny AudioStory LLM is trained on.
 
 A *story* is a scene followed by 2-4 sound events, each with a fixed clip caption; its total
-duration (10-60 s in steps of 0.5 s) is split evenly, in tenths of a second, over the clips, so
+duration (10-60 s in whole seconds) is split evenly, in tenths of a second, over the clips, so
 that the clip durations (written with one decimal) sum exactly to the total. The reasoning
-spells the arithmetic out (``3 events. 40.0 = 13.3 + 13.3 + 13.4.``) and each clip copies its
+spells the arithmetic out (``3 events. 40.0 / 3 = 13.3. 40.0 = 13.3 + 13.3 + 13.4.``) and each clip copies its
 number, which is what lets a 0.6 M-parameter model get the sums right.
 
 Used by ``export/make_tiny_checkpoint.py`` (training data, held-out checks) and by tests and
@@ -69,7 +69,7 @@ _JOIN_LAST = ", and finally "
 
 MIN_TOTAL_S = 10.0
 MAX_TOTAL_S = 60.0
-TOTAL_STEP_S = 0.5
+TOTAL_STEP_S = 1.0
 MIN_EVENTS = 2
 MAX_EVENTS = 4
 
@@ -121,8 +121,12 @@ def events_of(caption: str) -> tuple[str, ...]:
 
 
 def reasoning(total: float, clips: list[Clip]) -> str:
+    """``"3 events. 38.0 / 3 = 12.6. 38.0 = 12.6 + 12.7 + 12.7."``: the quotient is written right
+    after the division it comes from, and each clip copies its term."""
+    k = len(clips)
+    base = fmt_seconds(round(total * 10) // k / 10)
     terms = " + ".join(fmt_seconds(c.duration) for c in clips)
-    return f"{len(clips)} events. {fmt_seconds(total)} = {terms}."
+    return f"{k} events. {fmt_seconds(total)} / {k} = {base}. {fmt_seconds(total)} = {terms}."
 
 
 def assistant_text(total: float, clips: list[Clip], n: int, m: int) -> str:
@@ -152,7 +156,7 @@ SAMPLE_INSTRUCTIONS: tuple[tuple[str, float], ...] = (
                    ["a fire crackles in a fireplace", "a kettle whistles on the stove",
                     "a clock ticks steadily", "an owl hoots at night"]), 40.0),
     (story_caption("a busy morning in the city",
-                   ["a car engine starts and idles", "a siren wails down the street", "a helicopter flies overhead"]), 25.5),
+                   ["a car engine starts and idles", "a siren wails down the street", "a helicopter flies overhead"]), 25.0),
     (story_caption("a walk through the woods", ["leaves rustle in the breeze", "a stream trickles over stones"]), 18.0),
     (story_caption("an afternoon in an old house",
                    ["a door creaks open slowly", "footsteps crunch on gravel", "glass shatters on a tiled floor"]), 60.0),

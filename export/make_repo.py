@@ -127,7 +127,8 @@ def render(template: str, values: dict, where: str) -> str:
     return string.Template(template).substitute({k: str(v) for k, v in values.items()})
 
 
-def make_repo(profile: str, model: str, out: Path, settings_path: Path | None = None) -> Path:
+def make_repo(profile: str, model: str, out: Path, settings_path: Path | None = None,
+              onnx_dir: Path | None = None) -> Path:
     if profile not in PROFILES:
         raise SystemExit(f"make_repo: profile must be one of {sorted(PROFILES)}, got {profile!r}")
     settings = json.loads(json.dumps(PROFILES[profile]))
@@ -138,7 +139,7 @@ def make_repo(profile: str, model: str, out: Path, settings_path: Path | None = 
             raise SystemExit(f"make_repo: unknown setting(s) {sorted(unknown)}; known: {sorted(settings)}")
         settings.update(overrides)
     checkpoint = layout.converted_dir(model) if not Path(model).exists() else Path(model).resolve()
-    onnx_dir = layout.export_dir(model)
+    onnx_dir = Path(onnx_dir).resolve() if onnx_dir else layout.export_dir(model)
     engines_dir = layout.BUILD / "engines" / model
     if profile == "gpu" and not settings.get("engines", {}).get("dit_step"):
         manifest = engines_dir / "engines.json"
@@ -172,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tiny", help="tiny, full, or a converted checkpoint folder")
     ap.add_argument("--out", default=str(layout.BUILD / "model_repository"))
     ap.add_argument("--settings", default=None, help="JSON overrides of the profile's settings")
+    ap.add_argument("--onnx-dir", default=None, help="exported graphs (default: build/export/MODEL)")
     args = ap.parse_args(argv)
-    make_repo(args.profile, args.model, Path(args.out), Path(args.settings) if args.settings else None)
+    make_repo(args.profile, args.model, Path(args.out), Path(args.settings) if args.settings else None,
+              Path(args.onnx_dir) if args.onnx_dir else None)
     return 0
 
 

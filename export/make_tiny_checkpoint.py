@@ -26,6 +26,7 @@ TINY sizes, the arguments and the library versions (``<out>/.content-hash``).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -44,11 +45,12 @@ from audiostory_ensemble.config import TINY  # noqa: E402
 
 BASE_DIR_NAME = "Qwen2.5-tiny"
 BPE_VOCAB = 800                # byte alphabet (256) + merges; the 22 specials come after
-DEFAULT_STEPS = 700
+DEFAULT_STEPS = 450
 DEFAULT_SEED = 0
 BATCH = 32
 LR = 3e-3
-WARMUP = 40
+WARMUP = 30
+REASONING_WEIGHT = 4.0       # loss weight of the reasoning tokens (the arithmetic)
 THREADS = 2
 LORA_INIT_STD = 0.02
 NUM_HELD_OUT = 24
@@ -234,13 +236,14 @@ def excluded_event_sequences() -> set[tuple[str, ...]]:
 
 
 def make_batches(tok, steps: int, seed: int, n: int, m: int, excluded):
-    """Yields (input_ids, attention_mask, labels) tensors, ``steps`` batches of ``BATCH``."""
+    """Yields (input_ids, attention_mask, labels, loss weights), ``steps`` batches of ``BATCH``."""
     import random
 
     import torch
 
     rng = random.Random(f"train-{seed}")
     pad = tok.convert_tokens_to_ids("<|endoftext|>")
+    think_close = tok.convert_tokens_to_ids("<|/think|>")
     for _ in range(steps):
         prompts, completions = [], []
         while len(prompts) < BATCH:
@@ -256,11 +259,16 @@ def make_batches(tok, steps: int, seed: int, n: int, m: int, excluded):
         ids = torch.full((BATCH, length), pad, dtype=torch.long)
         mask = torch.zeros((BATCH, length), dtype=torch.long)
         labels = torch.full((BATCH, length), -100, dtype=torch.long)
+        weights = torch.zeros((BATCH, length))
         for i, (a, b) in enumerate(zip(p_ids, c_ids)):
             ids[i, :len(a) + len(b)] = torch.tensor(a + b)
             mask[i, :len(a) + len(b)] = 1
             labels[i, len(a):len(a) + len(b)] = torch.tensor(b)   # assistant part only
-        yield ids, mask, labels
+            weights[i, len(a):len(a) + len(b)] = 1.0
+            # The reasoning (the arithmetic) is the hard part: weigh it up, <|/think|> included.
+            think_end = b.index(think_close) + 1
+            weights[i, len(a):len(a) + think_end] = REASONING_WEIGHT
+        yield ids, mask, labels, weights
 
 
 def qwen2_config(vocab_size: int, tok):
@@ -296,15 +304,20 @@ def train_llm(tok, vocab_size: int, steps: int, seed: int, log=print):
         if step < WARMUP:
             return LR * (step + 1) / WARMUP
         frac = (step - WARMUP) / max(1, steps - WARMUP)
-        return LR * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        return LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     excluded = excluded_event_sequences()
     t0 = time.time()
-    for step, (ids, mask, labels) in enumerate(make_batches(tok, steps, seed, TINY.num_t5_tokens,
-                                                            TINY.num_aud_tokens, excluded)):
+    for step, (ids, mask, labels, weights) in enumerate(make_batches(tok, steps, seed, TINY.num_t5_tokens,
+                                                                     TINY.num_aud_tokens, excluded)):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                      labels[:, 1:].reshape(-1), ignore_index=-100,
+                                                      reduction="none")
+        w = weights[:, 1:].reshape(-1)
+        loss = (per_token * w).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -589,13 +602,22 @@ def build(out: Path, steps: int, seed: int, digest: str) -> int:
 
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    from safetensors.torch import save_file
-    from transformers import Qwen2ForCausalLM
-
     t_start = time.time()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        return _build_into(tmp, out, steps, seed, digest, t_start)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _build_into(tmp: Path, out: Path, steps: int, seed: int, digest: str, t_start: float) -> int:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2ForCausalLM
+
 
     # 1. tokenizers and base folder
     base_tok, bpe_vocab, bpe_merges = train_base_tokenizer(seed)
@@ -647,7 +669,7 @@ def build(out: Path, steps: int, seed: int, digest: str) -> int:
     for (name, penalty), (ok, exact, total) in res.items():
         lines.append(f"  {name:8s} repetition_penalty {penalty}: {ok}/{total} well-formed with the right total "
                      f"({exact}/{total} exactly the trained plan)")
-        if name == "held_out" and ok < total - 2 or name == "samples" and ok < total:
+        if name == "held_out" and ok < 0.9 * total or name == "samples" and ok < total:
             passed = False
 
     made_by = (
@@ -684,11 +706,21 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     digest = content_hash(args.steps, args.seed)
     marker = out / ".content-hash"
-    if not args.force and marker.exists() and marker.read_text().strip() == digest:
+
+    def up_to_date() -> bool:
+        return not args.force and marker.exists() and marker.read_text().strip() == digest
+
+    if up_to_date():
         print(f"{out}: up to date")
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    return build(out, args.steps, args.seed, digest)
+    # One builder at a time (a test session and `make` may race); the loser finds it up to date.
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if up_to_date():
+            print(f"{out}: up to date")
+            return 0
+        return build(out, args.steps, args.seed, digest)
 
 
 if __name__ == "__main__":

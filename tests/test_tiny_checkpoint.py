@@ -241,9 +241,9 @@ def _merged_llm(tiny_release, release_state, vocab_size):
         if not k.startswith(p) or ".lora_" in k or ".original_module." in k:
             continue
         name = k[len(p):].replace(".modules_to_save.default.", ".")
-        a_key = k.replace(".weight", ".lora_A.default.weight")
-        if a_key in release_state:
-            v = v + scale * release_state[k.replace(".weight", ".lora_B.default.weight")] @ release_state[a_key]
+        stem = k[: -len(".weight")]
+        if k.endswith(".weight") and stem + ".lora_A.default.weight" in release_state:
+            v = v + scale * release_state[stem + ".lora_B.default.weight"] @ release_state[stem + ".lora_A.default.weight"]
         sd[name] = v
     config = AutoConfig.from_pretrained(str(tiny_release / "Qwen2.5-tiny"))
     config.vocab_size = vocab_size

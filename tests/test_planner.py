@@ -1,0 +1,111 @@
+"""The vLLM planner (real engines, tiny checkpoint) against the reference's transformers generate."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from audiostory_ensemble.grammar import NoClipError, build_instruction, build_prompt, parse_plan
+from audiostory_ensemble.planner import PlanRequest, Planner
+from audiostory_ensemble.serving import LoopThread
+
+
+@pytest.fixture(scope="module")
+def planner(converted):
+    loop = LoopThread("test-planner")
+    p = Planner(converted)
+    loop.run(p.start(), timeout=600)
+    yield p, loop
+    p.shutdown()
+    loop.stop()
+
+
+def run_plan(planner, request):
+    p, loop = planner
+
+    async def collect():
+        return [c async for c in p.plan(request)]
+
+    return loop.run(collect(), timeout=300)
+
+
+def reference_plan(reference, caption, total, seed=0, max_new_tokens=1600):
+    prompt = reference.tokenizer.encode(build_prompt(build_instruction(caption, total, seed)), add_special_tokens=False)
+    gen, hidden = reference.generate(prompt, max_new_tokens)
+    return gen, hidden
+
+
+def test_tokens_and_hidden_states_equal_the_reference(planner, reference, sample_instructions):
+    p, _ = planner
+    for k, (caption, total) in enumerate(sample_instructions[:4]):
+        clips = run_plan(planner, PlanRequest(caption, total, request_id=f"parity-{k}"))
+        ref_ids, hidden = reference_plan(reference, caption, total)
+        assert p.summaries[f"parity-{k}"].generated_ids == ref_ids
+        plan = parse_plan(ref_ids, reference.tok, reference.tokenizer.decode)
+        assert [c.caption for c in clips] == [c.caption for c in plan.clips]
+        assert [c.duration for c in clips] == [c.duration for c in plan.clips]
+        assert [c.is_last for c in clips] == [False] * (len(clips) - 1) + [True]
+        n, m = reference.tok.n, reference.tok.m
+        for clip, span in zip(clips, plan.clips):
+            np.testing.assert_allclose(clip.sem, hidden[span.t5_pos:span.t5_pos + n].numpy(), rtol=0, atol=1e-4)
+            np.testing.assert_allclose(clip.res, hidden[span.aud_pos:span.aud_pos + m].numpy(), rtol=0, atol=1e-4)
+        starts = np.cumsum([0.0] + [c.duration for c in clips[:-1]])
+        np.testing.assert_allclose([c.start_s for c in clips], starts)
+
+
+def test_concurrent_plans_equal_solo_plans(planner, sample_instructions):
+    p, loop = planner
+    requests = [PlanRequest(c, t, seed=s, request_id=f"solo-{i}")
+                for i, ((c, t), s) in enumerate(zip(sample_instructions[:4], (0, 1, 2, 3)))]
+    solo = [run_plan(planner, r) for r in requests]
+
+    async def together():
+        async def one(r):
+            return [c async for c in p.plan(PlanRequest(r.instruction, r.total_duration, seed=r.seed))]
+        return await asyncio.gather(*(one(r) for r in requests))
+
+    for alone, joint in zip(solo, loop.run(together(), timeout=300)):
+        assert [(c.caption, c.duration, c.is_last) for c in alone] == [(c.caption, c.duration, c.is_last) for c in joint]
+        for a, b in zip(alone, joint):
+            np.testing.assert_allclose(a.sem, b.sem, atol=1e-4)
+            np.testing.assert_allclose(a.res, b.res, atol=1e-4)
+
+
+def test_first_clip_is_released_before_the_last_clip_is_generated(planner, sample_instructions):
+    p, _ = planner
+    caption, total = sample_instructions[2]
+    clips = run_plan(planner, PlanRequest(caption, total, request_id="order"))
+    gen = p.summaries["order"].generated_ids
+    plan = parse_plan(gen, p.tok, p.tokenizer.decode)
+    assert len(clips) >= 2
+    # When clip 0 was released, the last clip's </aud> had not been generated yet.
+    assert clips[0].generated_tokens <= plan.clips[-1].gen_pos + 1 < plan.clips[-1].end_pos
+    assert [c.generated_tokens for c in clips] == sorted(c.generated_tokens for c in clips)
+
+
+def test_exact_duration_policy_sums_to_the_request(planner, sample_instructions):
+    caption, total = sample_instructions[0]
+    clips = run_plan(planner, PlanRequest(caption, total + 7.0, duration_policy="exact"))
+    assert abs(sum(c.duration for c in clips) - (total + 7.0)) < 1e-6
+    assert all(c.duration != c.llm_duration for c in clips)
+
+
+def test_token_limit_cut_drops_the_incomplete_clip(planner, reference, sample_instructions):
+    p, _ = planner
+    caption, total = sample_instructions[0]
+    full_ids, _ = reference_plan(reference, caption, total)
+    plan = parse_plan(full_ids, reference.tok, reference.tokenizer.decode)
+    cut = plan.clips[1].t5_pos + 2            # in the middle of clip 1's <t5> run
+    clips = run_plan(planner, PlanRequest(caption, total, max_new_tokens=cut, request_id="cut"))
+    assert [c.caption for c in clips] == [plan.clips[0].caption]
+    assert clips[0].is_last
+    summary = p.summaries["cut"]
+    assert len(summary.generated_ids) == cut and summary.dropped and "token limit" in summary.dropped[0]
+
+
+def test_no_complete_clip_is_a_typed_error(planner, reference, sample_instructions):
+    caption, total = sample_instructions[0]
+    full_ids, _ = reference_plan(reference, caption, total)
+    plan = parse_plan(full_ids, reference.tok, reference.tokenizer.decode)
+    with pytest.raises(NoClipError) as e:
+        run_plan(planner, PlanRequest(caption, total, max_new_tokens=plan.clips[0].aud_pos))
+    assert e.value.text  # the generated text travels with the error, for the log

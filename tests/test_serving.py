@@ -1,0 +1,70 @@
+"""Request validation, clip metadata and story assembly (no server needed)."""
+import numpy as np
+import pytest
+
+from audiostory_ensemble import interface as I
+from audiostory_ensemble.serving import ClipMeta, RequestError, parse_request
+from audiostory_ensemble.stitch import StoryAssembler
+from client.api import request_arrays
+
+
+def parse(**params):
+    arrays = request_arrays(**params)
+    return parse_request(arrays.get)
+
+
+def test_defaults_are_the_reference_defaults():
+    p = parse(instruction="rain on a roof")
+    assert (p.total_duration, p.guidance, p.seed, p.num_steps, p.duration_policy) == (50.0, 4.0, 0, 50, "model")
+
+
+@pytest.mark.parametrize("params, field", [
+    (dict(instruction=""), "INSTRUCTION"),
+    (dict(instruction=" \n\t"), "INSTRUCTION"),
+    (dict(instruction=b"\xff\xfe"), "INSTRUCTION"),
+    (dict(instruction="x" * 5000), "INSTRUCTION"),
+    (dict(instruction="a", total_duration=float("nan")), "TOTAL_DURATION"),
+    (dict(instruction="a", total_duration=float("inf")), "TOTAL_DURATION"),
+    (dict(instruction="a", total_duration=0.0), "TOTAL_DURATION"),
+    (dict(instruction="a", guidance=-1.0), "GUIDANCE_SCALE"),
+    (dict(instruction="a", guidance=0.5), "GUIDANCE_SCALE"),
+    (dict(instruction="a", seed=-3), "SEED"),
+    (dict(instruction="a", num_steps=0), "NUM_STEPS"),
+    (dict(instruction="a", num_steps=100000), "NUM_STEPS"),
+    (dict(instruction="a", duration_policy="fast"), "DURATION_POLICY"),
+])
+def test_bad_values_name_the_field(params, field):
+    with pytest.raises(RequestError, match=field):
+        parse(**params)
+
+
+def test_wrong_dtype_and_shape_name_the_field():
+    arrays = request_arrays("rain")
+    arrays[I.SEED.name] = np.array([1.5], dtype=np.float32)
+    with pytest.raises(RequestError, match="SEED must be INT64"):
+        parse_request(arrays.get)
+    arrays = request_arrays("rain")
+    arrays[I.TOTAL_DURATION.name] = np.array([10.0, 20.0], dtype=np.float32)
+    with pytest.raises(RequestError, match="TOTAL_DURATION must hold exactly one value"):
+        parse_request(arrays.get)
+    with pytest.raises(RequestError, match="INSTRUCTION is required"):
+        parse_request({}.get)
+
+
+def test_clip_meta_round_trip():
+    meta = ClipMeta("r1", 2, "a dog barks – twice", 33.3, 16.7, 16.7, True, 4.0, 7, 50)
+    assert ClipMeta.decode(meta.encode()) == meta
+
+
+def test_story_assembler_orders_by_index_and_checks_completeness():
+    story = StoryAssembler()
+    clip = lambda n: np.ones((2, n), np.float32)  # noqa: E731
+    story.add(1, "b", clip(32000 * 4), 5.0, 4.0, True)
+    with pytest.raises(ValueError, match=r"clips \[0\] of 2 never arrived"):
+        story.finish()
+    story.add(0, "a", clip(32000 * 8), 0.0, 5.0, False)
+    out = story.finish()
+    assert out.captions == ["a", "b"]
+    assert out.audio.shape == (2, 32000 * 8 + 32000 * 4 - 96000)
+    with pytest.raises(ValueError, match="arrived twice"):
+        story.add(0, "a", clip(10), 0.0, 1.0, False)
