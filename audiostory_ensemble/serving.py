@@ -125,6 +125,7 @@ class ClipMeta:
     guidance: float
     seed: int
     num_steps: int
+    arrival: float = 0.0       # wall-clock time the request reached the planner (for metrics)
 
     def encode(self) -> np.ndarray:
         return np.array([json.dumps(asdict(self)).encode()], dtype=np.object_)

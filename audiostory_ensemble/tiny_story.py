@@ -3,7 +3,7 @@
 A *story* is a scene followed by 2-4 sound events, each with a fixed clip caption; its total
 duration (10-60 s in whole seconds) is split evenly, in tenths of a second, over the clips, so
 that the clip durations (written with one decimal) sum exactly to the total. The reasoning
-spells the arithmetic out (``3 events. 40.0 / 3 = 13.3. 40.0 = 13.3 + 13.3 + 13.4.``) and each clip copies its
+spells the arithmetic out (``3 events. 40.0 = 13.3 + 13.3 + 13.4.``) and each clip copies its
 number, which is what lets a 0.6 M-parameter model get the sums right.
 
 Used by ``export/make_tiny_checkpoint.py`` (training data, held-out checks) and by tests and
@@ -121,12 +121,9 @@ def events_of(caption: str) -> tuple[str, ...]:
 
 
 def reasoning(total: float, clips: list[Clip]) -> str:
-    """``"3 events. 38.0 / 3 = 12.6. 38.0 = 12.6 + 12.7 + 12.7."``: the quotient is written right
-    after the division it comes from, and each clip copies its term."""
-    k = len(clips)
-    base = fmt_seconds(round(total * 10) // k / 10)
+    """``"3 events. 38.0 = 12.6 + 12.7 + 12.7."``: each clip then copies its term."""
     terms = " + ".join(fmt_seconds(c.duration) for c in clips)
-    return f"{k} events. {fmt_seconds(total)} / {k} = {base}. {fmt_seconds(total)} = {terms}."
+    return f"{len(clips)} events. {fmt_seconds(total)} = {terms}."
 
 
 def assistant_text(total: float, clips: list[Clip], n: int, m: int) -> str:

@@ -45,12 +45,11 @@ from audiostory_ensemble.config import TINY  # noqa: E402
 
 BASE_DIR_NAME = "Qwen2.5-tiny"
 BPE_VOCAB = 800                # byte alphabet (256) + merges; the 22 specials come after
-DEFAULT_STEPS = 450
+DEFAULT_STEPS = 600
 DEFAULT_SEED = 0
 BATCH = 32
 LR = 3e-3
 WARMUP = 30
-REASONING_WEIGHT = 4.0       # loss weight of the reasoning tokens (the arithmetic)
 THREADS = 2
 LORA_INIT_STD = 0.02
 NUM_HELD_OUT = 24
@@ -236,14 +235,13 @@ def excluded_event_sequences() -> set[tuple[str, ...]]:
 
 
 def make_batches(tok, steps: int, seed: int, n: int, m: int, excluded):
-    """Yields (input_ids, attention_mask, labels, loss weights), ``steps`` batches of ``BATCH``."""
+    """Yields (input_ids, attention_mask, labels) tensors, ``steps`` batches of ``BATCH``."""
     import random
 
     import torch
 
     rng = random.Random(f"train-{seed}")
     pad = tok.convert_tokens_to_ids("<|endoftext|>")
-    think_close = tok.convert_tokens_to_ids("<|/think|>")
     for _ in range(steps):
         prompts, completions = [], []
         while len(prompts) < BATCH:
@@ -259,16 +257,11 @@ def make_batches(tok, steps: int, seed: int, n: int, m: int, excluded):
         ids = torch.full((BATCH, length), pad, dtype=torch.long)
         mask = torch.zeros((BATCH, length), dtype=torch.long)
         labels = torch.full((BATCH, length), -100, dtype=torch.long)
-        weights = torch.zeros((BATCH, length))
         for i, (a, b) in enumerate(zip(p_ids, c_ids)):
             ids[i, :len(a) + len(b)] = torch.tensor(a + b)
             mask[i, :len(a) + len(b)] = 1
             labels[i, len(a):len(a) + len(b)] = torch.tensor(b)   # assistant part only
-            weights[i, len(a):len(a) + len(b)] = 1.0
-            # The reasoning (the arithmetic) is the hard part: weigh it up, <|/think|> included.
-            think_end = b.index(think_close) + 1
-            weights[i, len(a):len(a) + think_end] = REASONING_WEIGHT
-        yield ids, mask, labels, weights
+        yield ids, mask, labels
 
 
 def qwen2_config(vocab_size: int, tok):
@@ -304,20 +297,15 @@ def train_llm(tok, vocab_size: int, steps: int, seed: int, log=print):
         if step < WARMUP:
             return LR * (step + 1) / WARMUP
         frac = (step - WARMUP) / max(1, steps - WARMUP)
-        return LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        return LR * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     excluded = excluded_event_sequences()
     t0 = time.time()
-    for step, (ids, mask, labels, weights) in enumerate(make_batches(tok, steps, seed, TINY.num_t5_tokens,
-                                                                     TINY.num_aud_tokens, excluded)):
+    for step, (ids, mask, labels) in enumerate(make_batches(tok, steps, seed, TINY.num_t5_tokens,
+                                                            TINY.num_aud_tokens, excluded)):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                      labels[:, 1:].reshape(-1), ignore_index=-100,
-                                                      reduction="none")
-        w = weights[:, 1:].reshape(-1)
-        loss = (per_token * w).sum() / w.sum()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss   # mean over assistant tokens
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -96,3 +96,33 @@ def test_bad_request_names_the_field(client, server, sample_instructions):
         generate_http("   ", url=server.http_url)
     caption, total = sample_instructions[1]
     assert len(client.generate(caption, total_duration=total, num_steps=2).clips) >= 2  # still serving
+
+
+def _scrape(server) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
+
+
+def test_metrics_after_a_request(client, server, sample_instructions):
+    caption, total = sample_instructions[1]
+    story = client.generate(caption, total_duration=total, num_steps=3, seed=21)
+    m = _scrape(server)
+    assert m['audiostory_clips_total{model="postprocess"}'] >= len(story.clips)
+    assert m['audiostory_audio_seconds_total{model="postprocess"}'] >= total - 1e-3
+    ttfc_count = m['audiostory_time_to_first_clip_seconds_count{model="postprocess"}']
+    ttfc_sum = m['audiostory_time_to_first_clip_seconds_sum{model="postprocess"}']
+    assert ttfc_count >= 1 and 0 < ttfc_sum / ttfc_count < 600
+    assert m['audiostory_planner_tokens_total{model="llm"}'] > 0
+    steps = m['audiostory_dit_step_rows_total{model="dit_step"}']
+    assert steps >= 3 * len(story.clips)
+    executions = m['audiostory_dit_step_batch_rows_count{model="dit_step"}']
+    assert 1 <= steps / executions <= 16
+    # Triton's own latency histograms are on.
+    assert any(k.startswith("nv_inference_first_response_histogram_ms") for k in m)

@@ -4,6 +4,7 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
+from audiostory_ensemble.metrics import StageMetrics
 from audiostory_ensemble.serving import OnnxBatchRunner
 
 
@@ -12,9 +13,12 @@ class TritonPythonModel:
         params = json.loads(args["model_config"]).get("parameters", {})
         self.runner = OnnxBatchRunner(params["onnx_path"]["string_value"],
                                       int(params.get("threads", {}).get("string_value", "0")))
+        self.name = args["model_name"]
+        self.metrics = StageMetrics(pb_utils, self.name)
 
     def execute(self, requests):
         feeds = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name, _ in self.runner.inputs}
                  for r in requests]
-        return [pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()])
-                for out in self.runner.run(feeds)]
+        outputs = self.runner.run(feeds)
+        self.metrics.batch(sum(len(next(iter(o.values()))) for o in outputs), self.name)
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]) for out in outputs]

@@ -5,9 +5,10 @@ locale set before importing vLLM; engines guarded against outliving the stub; th
 carries the final flag (no empty trailing response); ``is_cancelled()`` is never called after
 the final response was sent.
 """
-import locale
 import json
+import locale
 import os
+import time
 
 locale.setlocale(locale.LC_CTYPE, "")  # the stub starts with an ASCII locale; vLLM needs UTF-8
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
@@ -16,6 +17,7 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from audiostory_ensemble import serving  # noqa: E402
+from audiostory_ensemble.metrics import StageMetrics  # noqa: E402
 from audiostory_ensemble.config import CROSSFADE_S  # noqa: E402
 from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest  # noqa: E402
 
@@ -36,6 +38,7 @@ class TritonPythonModel:
         self.planner = Planner.from_model(_param(args, "checkpoint"), options)
         self.loop.run(self.planner.start())
         serving.guard_children()
+        self.metrics = StageMetrics(pb_utils, "llm")
         self.logger.log_info(f"llm: engines ready on {self.planner.converted.llm_dir}")
 
     def execute(self, requests):
@@ -48,12 +51,13 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     str(e), pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
                 continue
-            self.loop.submit(self._serve(request.request_id() or "", params, sender))
+            self.loop.submit(self._serve(request.request_id() or "", params, sender, time.time()))
         return None
 
-    async def _serve(self, triton_id, params, sender):
+    async def _serve(self, triton_id, params, sender, arrival):
         req = PlanRequest(params.instruction, params.total_duration, params.seed, params.duration_policy)
         sent_final = False
+        clips = 0
         try:
             async for clip in self.planner.plan(req):
                 if sender.is_cancelled():
@@ -62,7 +66,7 @@ class TritonPythonModel:
                 meta = serving.ClipMeta(
                     triton_id or req.request_id, clip.index, clip.caption, clip.start_s, clip.duration,
                     serving.clip_render_duration(clip.duration, clip.is_last, CROSSFADE_S),
-                    clip.is_last, params.guidance, params.seed, params.num_steps)
+                    clip.is_last, params.guidance, params.seed, params.num_steps, arrival)
                 response = pb_utils.InferenceResponse([
                     pb_utils.Tensor("_SEM", clip.sem.astype(np.float32)),
                     pb_utils.Tensor("_RES", clip.res.astype(np.float32)),
@@ -70,6 +74,7 @@ class TritonPythonModel:
                 ])
                 sender.send(response, flags=FINAL if clip.is_last else 0)
                 sent_final = clip.is_last
+                clips += 1
         except Exception as e:  # noqa: BLE001 - every failure becomes an error response
             self.logger.log_error(f"llm: request {triton_id}: {type(e).__name__}: {e}")
             if not sent_final:
@@ -77,6 +82,9 @@ class TritonPythonModel:
                 sent_final = True
         if not sent_final:
             sender.send(flags=FINAL)
+        summary = self.planner.summaries.get(req.request_id)
+        if summary is not None:
+            self.metrics.plan_done(len(summary.generated_ids), clips)
 
     def finalize(self):
         self.planner.shutdown()

@@ -8,6 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import post, serving
 from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
+from audiostory_ensemble.metrics import StageMetrics
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -17,6 +18,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         self.vae_model = json.loads(args["model_config"]).get("parameters", {}).get(
             "vae_model", {}).get("string_value", "vae_decoder")
+        self.metrics = StageMetrics(pb_utils, "postprocess")
 
     async def execute(self, requests):
         await asyncio.gather(*(self._one(r) for r in requests))
@@ -46,6 +48,7 @@ class TritonPythonModel:
                 pb_utils.Tensor("CLIP_DURATION_S", np.array([meta.duration_s], dtype=np.float32)),
                 pb_utils.Tensor("IS_LAST", np.array([meta.is_last], dtype=np.bool_)),
             ]), flags=FINAL)
+            self.metrics.clip_done(meta.request_id, meta.arrival, meta.duration_s)
         except Exception as e:  # noqa: BLE001
             self.logger.log_error(f"postprocess: {type(e).__name__}: {e}")
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
