@@ -63,7 +63,11 @@ class StoryAssembler:
     def complete(self) -> bool:
         return self.count is not None and all(i in self.clips for i in range(self.count))
 
-    def finish(self) -> Story:
+    def finish(self, stream_ended: bool = True) -> Story:
+        """Join the clips. A stream that ended without a clip marked last (the planner dropped a
+        trailing clip cut by the token limit) ends with the highest index received."""
+        if self.count is None and stream_ended and self.clips:
+            self.count = max(self.clips) + 1
         if self.count is None:
             raise ValueError(f"no last clip among {len(self.clips)} received")
         missing = [i for i in range(self.count) if i not in self.clips]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from audiostory_ensemble.grammar import NoClipError, build_instruction, build_prompt, parse_plan
-from audiostory_ensemble.planner import PlanRequest, Planner
+from audiostory_ensemble.planner import PlannedClip, PlanRequest, Planner, scale_to_total
 from audiostory_ensemble.serving import LoopThread
 
 
@@ -83,10 +83,22 @@ def test_first_clip_is_released_before_the_last_clip_is_generated(planner, sampl
 
 
 def test_exact_duration_policy_sums_to_the_request(planner, sample_instructions):
-    caption, total = sample_instructions[0]
-    clips = run_plan(planner, PlanRequest(caption, total + 7.0, duration_policy="exact"))
-    assert abs(sum(c.duration for c in clips) - (total + 7.0)) < 1e-6
-    assert all(c.duration != c.llm_duration for c in clips)
+    caption, total = sample_instructions[3]
+    model = run_plan(planner, PlanRequest(caption, total, duration_policy="model"))
+    exact = run_plan(planner, PlanRequest(caption, total, duration_policy="exact"))
+    assert abs(sum(c.duration for c in exact) - total) < 1e-6
+    expected = scale_to_total(model, total)
+    np.testing.assert_allclose([c.duration for c in exact], [c.duration for c in expected])
+    np.testing.assert_allclose([c.start_s for c in exact], [c.start_s for c in expected])
+
+
+def test_scale_to_total_scales_and_recomputes_starts():
+    z = np.zeros((1, 1), np.float32)
+    clips = [PlannedClip(i, f"c{i}", d, d, 0.0, i == 2, z, z) for i, d in enumerate([10.0, 20.0, 10.0])]
+    out = scale_to_total(clips, 60.0)
+    assert [c.duration for c in out] == [15.0, 30.0, 15.0]
+    assert [c.start_s for c in out] == [0.0, 15.0, 45.0]
+    assert [c.llm_duration for c in out] == [10.0, 20.0, 10.0]
 
 
 def test_token_limit_cut_drops_the_incomplete_clip(planner, reference, sample_instructions):
@@ -97,7 +109,9 @@ def test_token_limit_cut_drops_the_incomplete_clip(planner, reference, sample_in
     cut = plan.clips[1].t5_pos + 2            # in the middle of clip 1's <t5> run
     clips = run_plan(planner, PlanRequest(caption, total, max_new_tokens=cut, request_id="cut"))
     assert [c.caption for c in clips] == [plan.clips[0].caption]
-    assert clips[0].is_last
+    # Clip 0 was released (is_last=False) as soon as clip 1 began; clip 1 was then cut: the stream
+    # simply ends, and the drop is reported.
+    assert not clips[0].is_last
     summary = p.summaries["cut"]
     assert len(summary.generated_ids) == cut and summary.dropped and "token limit" in summary.dropped[0]
 

@@ -68,3 +68,11 @@ def test_story_assembler_orders_by_index_and_checks_completeness():
     assert out.audio.shape == (2, 32000 * 8 + 32000 * 4 - 96000)
     with pytest.raises(ValueError, match="arrived twice"):
         story.add(0, "a", clip(10), 0.0, 1.0, False)
+
+
+def test_story_without_a_last_clip_ends_at_the_highest_index_once_the_stream_ended():
+    story = StoryAssembler()
+    story.add(0, "a", np.ones((2, 32000 * 8), np.float32), 0.0, 5.0, False)
+    with pytest.raises(ValueError, match="no last clip"):
+        story.finish(stream_ended=False)
+    assert story.finish(stream_ended=True).captions == ["a"]
