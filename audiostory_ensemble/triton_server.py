@@ -124,7 +124,7 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
             "--pinned-memory-pool-byte-size=0",
-            "--metrics-config=histogram_latencies=true",
+            "--metrics-config=summary_latencies=true",  # 2.51 has summaries, not histograms
             "--model-control-mode=explicit",
             f"--log-verbose={self.log_verbose}",
             "--exit-on-error=true",
