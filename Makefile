@@ -9,7 +9,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all tiny convert export engines repo serve demo clean
+.PHONY: help setup test test-all tiny convert export engines repo serve demo bench perf clean
 
 help:
 	@echo "make setup       install the venv, Triton 2.51 and perf_analyzer (idempotent)"
@@ -21,6 +21,8 @@ help:
 	@echo "make engines     MODEL=full: TensorRT plans from the ONNX graphs (GPU host with TensorRT)"
 	@echo "make repo        PROFILE=cpu|gpu MODEL=...: fill the model repository (build/model_repository)"
 	@echo "make serve       start Triton on build/model_repository (loopback; ADDRESS/..._PORT to change)"
+	@echo "make bench       baseline + concurrency sweep + plot (starts its own server; build/bench/)"
+	@echo "make perf        perf_analyzer sweep against a running server (URL=host:port)"
 	@echo "make clean       remove build outputs (keeps the venv and the server)"
 
 setup:
@@ -50,6 +52,14 @@ repo: export
 
 demo: repo
 	$(PY) scripts/demo.py --model $(MODEL)
+
+bench: repo
+	$(PY) -m benchmarks.bench_dit_step --model $(MODEL)
+	$(PY) -m benchmarks.loadgen --model $(MODEL) --plot $(BENCH_ARGS)
+
+URL ?= 127.0.0.1:8001
+perf:
+	$(PY) -m benchmarks.perf_sweep --url $(URL) $(PERF_ARGS)
 
 serve:
 	$(PY) -m audiostory_ensemble.triton_server --model-repository build/model_repository \

@@ -125,12 +125,16 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--pinned-memory-pool-byte-size=0",
             "--metrics-config=summary_latencies=true",  # 2.51 has summaries, not histograms
-            "--model-control-mode=explicit",
             f"--log-verbose={self.log_verbose}",
             "--exit-on-error=true",
         ]
-        for name in self.load_models or ["*"]:
-            cmd.append(f"--load-model={name}")
+        if self.load_models:
+            # Only the named models; explicit mode also opens the load/unload API to clients.
+            cmd.append("--model-control-mode=explicit")
+            cmd += [f"--load-model={name}" for name in self.load_models]
+        else:
+            # Every model of the repository, and no API for clients to load models from paths.
+            cmd.append("--model-control-mode=none")
         return cmd + self.extra_args
 
     def start(self, timeout: float = 300.0) -> "TritonServer":

@@ -42,7 +42,7 @@ if ! stamp_ok "$VENV/.setup-stamp" "$lock_hash"; then
   log "venv: installing requirements.lock (a few minutes on first run)"
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q --no-deps -r requirements.lock
+  "$VENV/bin/pip" install -q --no-deps -r requirements.lock  # setuptools included: the editable install below builds without isolation
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
   "$VENV/bin/python" -c "import vllm, transformers, diffusers, onnxruntime, tritonclient.grpc, soxr" \

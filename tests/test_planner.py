@@ -123,3 +123,26 @@ def test_no_complete_clip_is_a_typed_error(planner, reference, sample_instructio
     with pytest.raises(NoClipError) as e:
         run_plan(planner, PlanRequest(caption, total, max_new_tokens=plan.clips[0].aud_pos))
     assert e.value.text  # the generated text travels with the error, for the log
+
+
+def test_a_dead_engine_is_an_error_not_a_hang(planner, sample_instructions):
+    """Runs last in this module: it kills the engines' processes."""
+    import os
+    import signal
+
+    from audiostory_ensemble.planner import PlannerError
+    from audiostory_ensemble.serving import _descendants
+
+    killed = 0
+    for pid in _descendants(os.getpid()):
+        try:
+            title = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"EngineCore" in title:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    assert killed >= 1
+    caption, total = sample_instructions[0]
+    with pytest.raises(PlannerError, match="engine"):
+        run_plan(planner, PlanRequest(caption, total))

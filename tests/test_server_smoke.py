@@ -32,9 +32,13 @@ def test_stack_info_round_trip_over_grpc(smoke_server):
     assert info["python"].startswith("3.11")
 
 
-def test_server_binds_loopback_only(smoke_server):
+def test_safe_defaults_loopback_and_no_model_loading_api(smoke_server):
     assert smoke_server.address == "127.0.0.1"
-    assert "--grpc-address=127.0.0.1" in smoke_server.command()
+    cmd = smoke_server.command()
+    assert {"--grpc-address=127.0.0.1", "--http-address=127.0.0.1", "--metrics-address=127.0.0.1"} <= set(cmd)
+    client = grpcclient.InferenceServerClient(smoke_server.grpc_url)
+    with pytest.raises(Exception, match="(?i)explicit model load / unload is not allowed|not allowed"):
+        client.load_model("stack_info")
 
 
 def test_bad_repository_is_a_clear_error(tmp_path):
