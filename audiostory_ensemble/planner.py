@@ -120,6 +120,7 @@ class Planner:
         self.generate_engine = None
         self.pooling_engine = None
         self.summaries: dict[str, PlanSummary] = {}
+        self._engine_ids: dict[str, set[str]] = {}   # plan id -> its engine request ids in flight
 
     @classmethod
     def from_model(cls, model: str | Path = "tiny", options: EngineOptions | None = None) -> "Planner":
@@ -179,11 +180,13 @@ class Planner:
         return np.asarray(data.float().numpy() if hasattr(data, "numpy") else data, dtype=np.float32)
 
     async def abort(self, request_id: str) -> None:
+        """Stop every engine request of a plan (its generate parts and pooling passes)."""
+        ids = sorted(self._engine_ids.pop(request_id, ()))
         for engine in (self.generate_engine, self.pooling_engine):
-            if engine is not None:
+            if engine is not None and ids:
                 try:
-                    await engine.abort(request_id)
-                except Exception:  # noqa: BLE001
+                    await engine.abort(ids)
+                except Exception:  # noqa: BLE001 - aborting a finished request is fine
                     pass
 
     # -- the plan ---------------------------------------------------------------------------------
@@ -224,6 +227,7 @@ class Planner:
                 )
                 sub_id = f"{rid}-g{part}"
                 part += 1
+                self._engine_ids.setdefault(rid, set()).add(sub_id)
                 last = None
                 async for out in self.generate_engine.generate({"prompt_token_ids": prompt + gen}, params, sub_id):
                     new = list(out.outputs[0].token_ids)
@@ -250,7 +254,9 @@ class Planner:
                         if span is not None:
                             next_index += 1
                             ids = prompt + gen
-                            task = asyncio.ensure_future(self._hidden_states(ids, f"{rid}-p{span.index}"))
+                            pool_id = f"{rid}-p{span.index}"
+                            self._engine_ids.setdefault(rid, set()).add(pool_id)
+                            task = asyncio.ensure_future(self._hidden_states(ids, pool_id))
                             pending.append((span, task))
                         else:
                             dropped.append(f"clip {next_index}: malformed (see the generated text)")
@@ -277,6 +283,9 @@ class Planner:
         finally:
             for _, task in pending:
                 task.cancel()
+            if not finished or pending:   # stopped early (cancelled, failed, consumer gone)
+                await self.abort(rid)
+            self._engine_ids.pop(rid, None)
             self.summaries[rid] = PlanSummary(prompt, gen, self.tokenizer.decode(gen), dropped, finished, next_index)
             if len(self.summaries) > 256:
                 self.summaries.pop(next(iter(self.summaries)))

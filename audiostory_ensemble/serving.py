@@ -218,16 +218,19 @@ class LoopThread:
 # ------------------------------------------------------------------------------------------------
 
 def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``. Children are listed per thread (``task/<tid>/children``), and
+    engines started from a loop thread are children of that thread, not of the main one."""
     out, frontier = [], [pid]
     while frontier:
         p = frontier.pop()
-        try:
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        for c in children:
-            out.append(int(c))
-            frontier.append(int(c))
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for c in children:
+                out.append(int(c))
+                frontier.append(int(c))
     return out
 
 

@@ -76,3 +76,39 @@ def test_story_without_a_last_clip_ends_at_the_highest_index_once_the_stream_end
     with pytest.raises(ValueError, match="no last clip"):
         story.finish(stream_ended=False)
     assert story.finish(stream_ended=True).captions == ["a"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_guard_kills_engine_processes_when_the_stub_is_killed():
+    """A process started from a helper thread (as vLLM engines are, from the loop thread) must not
+    outlive its parent after a SIGKILL."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import subprocess, threading, time\n"
+        "from audiostory_ensemble.serving import guard_children\n"
+        "procs = []\n"
+        "t = threading.Thread(target=lambda: procs.append(subprocess.Popen(['sleep', '300'])))\n"
+        "t.start(); t.join()\n"
+        "guard_children()\n"
+        "print(procs[0].pid, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert _alive(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child)
