@@ -8,6 +8,7 @@ Kept free of ``triton_python_backend_utils`` so it is importable (and testable) 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -150,6 +151,21 @@ def clamp_window(seconds: float) -> float:
 # Batched onnxruntime runner (the CPU form of dit_step / vae_decoder)
 # ------------------------------------------------------------------------------------------------
 
+def ort_session(path: str | Path, threads: int = 0):
+    """An onnxruntime session (CUDA EP where present). Spinning is off so that idle ORT threads do
+    not steal CPU from torch or other sessions in the same process."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
 class OnnxBatchRunner:
     """Runs one ONNX graph on the rows of several Triton requests at once.
 
@@ -159,17 +175,7 @@ class OnnxBatchRunner:
     """
 
     def __init__(self, path: str | Path, threads: int = 0):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                     if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.session = ort_session(path, threads)
         self.inputs = [(i.name, len(i.shape)) for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -186,6 +192,32 @@ class OnnxBatchRunner:
             out.append({name: res[start:start + n] for name, res in zip(self.outputs, results)})
             start += n
         return out
+
+
+class PerKeyLimiter:
+    """At most ``limit`` holders per key at once, served first come first served (asyncio)."""
+
+    def __init__(self, limit: int = 1):
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        self.limit = limit
+        self._sems: dict[str, asyncio.Semaphore] = {}
+        self._users: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key: str):
+        sem = self._sems.setdefault(key, asyncio.Semaphore(self.limit))
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with sem:
+                yield
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:        # nobody holds or waits: forget the key
+                del self._users[key], self._sems[key]
+
+    def __len__(self) -> int:
+        return len(self._sems)
 
 
 # ------------------------------------------------------------------------------------------------

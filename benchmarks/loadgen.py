@@ -173,6 +173,7 @@ async def sweep_level(url: str, level: int, items) -> dict:
         "latency_p50_s": pct([r["latency_s"] for r in ok], 50), "latency_p90_s": pct([r["latency_s"] for r in ok], 90),
         "rtf_p50": statistics.median([r["latency_s"] / r["audio_s"] for r in ok]) if ok else None,
         "models": delta,
+        "per_request": results,
     }
 
 

@@ -30,6 +30,7 @@ import torch
 from audiostory_ensemble import layout
 from audiostory_ensemble.checkpoint import load_converted
 from audiostory_ensemble.config import BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES, WAVE_SAMPLES
+from audiostory_ensemble.serving import ort_session
 
 OPSET = 18
 EXPORT_BATCH = 2          # never 1: the exporter specialises size-1 dimensions
@@ -92,19 +93,6 @@ def fingerprint(converted_root: Path) -> str:
     h.update(Path(__file__).read_bytes())
     h.update(f"{torch.__version__}".encode())
     return h.hexdigest()
-
-
-def ort_session(path: Path, threads: int = 0):
-    """An onnxruntime session; spinning off so idle ORT threads do not steal CPU from torch."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
 
 def export(model: str = "tiny", out: Path | None = None, force: bool = False, check: bool = True) -> Path:

@@ -37,14 +37,14 @@ PROFILES = {
     "cpu": {
         "dit_max_batch": 16, "dit_queue_delay_us": 2000, "dit_instances": 1, "dit_threads": 2,
         "vae_max_batch": 4, "vae_queue_delay_us": 2000, "vae_instances": 1, "vae_threads": 2,
-        "bridge_instances": 1, "full_instances": 4,
+        "bridge_instances": 1, "full_instances": 4, "clips_in_flight_per_request": 1,
         "engine_options": {"dtype": "float32", "max_model_len": 2048, "kv_cache_gib": 1, "enforce_eager": True},
         "limits": {},
     },
     "gpu": {
         "dit_max_batch": 16, "dit_queue_delay_us": 1000, "dit_instances": 1, "dit_threads": 0,
         "vae_max_batch": 4, "vae_queue_delay_us": 1000, "vae_instances": 1, "vae_threads": 0,
-        "bridge_instances": 1, "full_instances": 8,
+        "bridge_instances": 1, "full_instances": 8, "clips_in_flight_per_request": 2,
         "engine_options": {"dtype": "bfloat16", "max_model_len": 4096, "generate_gpu_memory_utilization": 0.35,
                            "pooling_gpu_memory_utilization": 0.15, "enforce_eager": False},
         "engines": {"dit_step": None, "vae_decoder": None},   # plan file names, from engines.json
@@ -95,7 +95,7 @@ def fields(profile: str, settings: dict, checkpoint: Path, onnx_dir: Path, engin
         "dit_inputs": dit_input_lines(cfg.num_t5_tokens, tensorrt=gpu),
     }
     for key in ("dit_max_batch", "dit_queue_delay_us", "dit_instances", "vae_max_batch", "vae_queue_delay_us",
-                "vae_instances", "bridge_instances", "full_instances"):
+                "vae_instances", "bridge_instances", "full_instances", "clips_in_flight_per_request"):
         f[key] = settings[key]
     return f
 

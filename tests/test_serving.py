@@ -112,3 +112,27 @@ def test_guard_kills_engine_processes_when_the_stub_is_killed():
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(child)
+
+
+def test_per_key_limiter_serves_in_order_and_forgets_idle_keys():
+    import asyncio
+
+    from audiostory_ensemble.serving import PerKeyLimiter
+
+    limiter = PerKeyLimiter(1)
+    events = []
+
+    async def clip(key, index):
+        async with limiter.slot(key):
+            events.append((key, index, "start"))
+            await asyncio.sleep(0.01)
+            events.append((key, index, "end"))
+
+    async def main():
+        await asyncio.gather(clip("a", 0), clip("a", 1), clip("b", 0), clip("a", 2))
+
+    asyncio.run(main())
+    a = [(i, what) for key, i, what in events if key == "a"]
+    assert a == [(0, "start"), (0, "end"), (1, "start"), (1, "end"), (2, "start"), (2, "end")]
+    assert events.index(("b", 0, "start")) < events.index(("a", 0, "end"))  # other keys overlap
+    assert len(limiter) == 0

@@ -1,7 +1,9 @@
 """dit_sampler: the flow-matching loop for one clip, one `dit_step` request per step (BLS).
 
 Decoupled with an async execute: every clip in flight is a coroutine awaiting its next step, so
-steps of many clips (and requests) meet in `dit_step`'s dynamic batcher.
+steps of many clips (and requests) meet in `dit_step`'s dynamic batcher. Within one request, at
+most `clips_in_flight_per_request` clips denoise at once, in the order they arrive (story order):
+the listener needs clip 0 first, and clips of other requests keep the batches full.
 """
 import asyncio
 import json
@@ -10,6 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import serving
+from audiostory_ensemble.serving import PerKeyLimiter
 from audiostory_ensemble.sampler import flow_sigmas, initial_noise
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -18,8 +21,9 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class TritonPythonModel:
     def initialize(self, args):
         self.logger = pb_utils.Logger
-        self.step_model = json.loads(args["model_config"]).get("parameters", {}).get(
-            "step_model", {}).get("string_value", "dit_step")
+        params = json.loads(args["model_config"]).get("parameters", {})
+        self.step_model = params.get("step_model", {}).get("string_value", "dit_step")
+        self.limiter = PerKeyLimiter(int(params.get("clips_in_flight_per_request", {}).get("string_value", "1")))
         self.noise_cache = {0: initial_noise(0).numpy()}
 
     async def execute(self, requests):
@@ -42,6 +46,15 @@ class TritonPythonModel:
             return
         try:
             meta = serving.ClipMeta.decode(meta_t.as_numpy())
+        except (ValueError, TypeError, KeyError) as e:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"dit_sampler: bad _META: {e}")),
+                        flags=FINAL)
+            return
+        async with self.limiter.slot(meta.request_id):
+            await self._denoise(sender, cond_t, meta_t, meta)
+
+    async def _denoise(self, sender, cond_t, meta_t, meta):
+        try:
             cond = cond_t.as_numpy()[None].astype(np.float32)
             x = self._noise(meta.seed).copy()
             sigmas = flow_sigmas(meta.num_steps).numpy()

@@ -64,7 +64,7 @@ class TritonPythonModel:
                     await self.planner.abort(req.request_id)
                     break
                 meta = serving.ClipMeta(
-                    triton_id or req.request_id, clip.index, clip.caption, clip.start_s, clip.duration,
+                    req.request_id, clip.index, clip.caption, clip.start_s, clip.duration,
                     serving.clip_render_duration(clip.duration, clip.is_last, CROSSFADE_S),
                     clip.is_last, params.guidance, params.seed, params.num_steps, arrival)
                 response = pb_utils.InferenceResponse([
