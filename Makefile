@@ -48,7 +48,7 @@ engines:
 	$(PY) export/build_engines.py --model $(MODEL)
 
 repo: export
-	$(PY) export/make_repo.py --profile $(PROFILE) --model $(MODEL)
+	$(PY) export/make_repo.py --profile $(PROFILE) --model $(MODEL) $(if $(SETTINGS),--settings $(SETTINGS))
 
 demo: repo
 	$(PY) scripts/demo.py --model $(MODEL)
