@@ -29,7 +29,7 @@ import asyncio
 import json
 import os
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 

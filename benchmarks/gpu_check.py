@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         step = base_step.to(DEVICE, dtype)
         for b in args.batches:
             ex = inputs(b, n, dtype)
-            eager_ms = cuda_time(lambda: step(**ex))
+            eager_ms = cuda_time(lambda ex=ex: step(**ex))
             graph_ms = None
             if DEVICE == "cuda":
                 try:

@@ -382,7 +382,7 @@ def other_release_tensors(seed: int) -> dict:
     """Seeded random bridge, DiT, fc, duration embedder and T5 encoder, with official keys."""
     import torch
     from diffusers import FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5EncoderModel
 
     out = {}
 

@@ -27,7 +27,8 @@ def main() -> int:
     except TritonServerError as e:
         print(e, file=sys.stderr)
         return 1
-    print(f"ready in {time.perf_counter() - t:.0f} s (gRPC {server.grpc_url}); asking for: {caption!r}, {total} s")
+    print(f"ready in {time.perf_counter() - t:.0f} s (gRPC {server.grpc_url}, {args.model} model); "
+          f"asking for: {caption!r}, {total} s")
     try:
         return client_main(["generate", caption, "--duration", str(total), "--url", server.grpc_url,
                             "-o", str(out / "story.wav"), "--clips-dir", str(out / "clips")])

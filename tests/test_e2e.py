@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from audiostory_ensemble import interface as I
 from audiostory_ensemble.triton_server import TritonServer
 from client.api import AudioStoryClient, AudioStoryError, generate_http
 from export.make_repo import make_repo
