@@ -72,10 +72,6 @@ ENSEMBLE = "audiostory"
 FULL_MODEL = "audiostory_full"
 
 
-def defaults() -> dict:
-    return {t.name: t.default for t in REQUEST_INPUTS if t.optional}
-
-
 def markdown_tables() -> str:
     """The interface as README tables (a test keeps the README in step with this module)."""
     def rows(tensors, with_default):

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from . import interface as I
-from .config import DURATION_POLICIES, MAX_DURATION_S
+from .config import DURATION_POLICIES
 from .sampler import MAX_SEED
 
 
@@ -139,11 +139,6 @@ class ClipMeta:
 def clip_render_duration(duration: float, is_last: bool, crossfade: float) -> float:
     """The reference's rule: every clip but the last is rendered ``crossfade`` seconds longer."""
     return float(duration) if is_last else float(duration) + crossfade
-
-
-def clamp_window(seconds: float) -> float:
-    """The DiT renders at most its window (the duration embedder clamps there too)."""
-    return min(float(seconds), MAX_DURATION_S)
 
 
 # ------------------------------------------------------------------------------------------------

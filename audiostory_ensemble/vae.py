@@ -32,10 +32,6 @@ class VAEDecoder(nn.Module):
         self.vae.use_tiling = False     # the reference decodes the 645 frames in one go
         self._weight_norm_removed = False
 
-    @property
-    def hop_length(self) -> int:
-        return int(self.vae.hop_length)
-
     def load_official_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Strict load of the official VAE weights (``weight_g``/``weight_v`` keys).
 

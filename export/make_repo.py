@@ -76,7 +76,7 @@ def dit_input_lines(n: int, tensorrt: bool) -> str:
     return ",\n".join(lines)
 
 
-def fields(profile: str, settings: dict, checkpoint: Path, onnx_dir: Path, engines_dir: Path) -> dict:
+def fields(profile: str, settings: dict, checkpoint: Path) -> dict:
     cfg = load_converted(checkpoint).config
     limits = Limits(**settings.get("limits", {}))
     gpu = profile == "gpu"
@@ -100,7 +100,7 @@ def fields(profile: str, settings: dict, checkpoint: Path, onnx_dir: Path, engin
     return f
 
 
-def per_model_fields(name: str, profile: str, settings: dict, onnx_dir: Path, engines_dir: Path) -> dict:
+def per_model_fields(name: str, profile: str, settings: dict, onnx_dir: Path) -> dict:
     if name not in ("dit_step", "vae_decoder"):
         return {}
     short = "dit" if name == "dit_step" else "vae"
@@ -145,14 +145,14 @@ def make_repo(profile: str, model: str, out: Path, settings_path: Path | None = 
         manifest = engines_dir / "engines.json"
         if manifest.exists():
             settings["engines"] = json.loads(manifest.read_text())["engines"]
-    common = fields(profile, settings, checkpoint, onnx_dir, engines_dir)
+    common = fields(profile, settings, checkpoint)
     if out.exists():
         shutil.rmtree(out)
     for name in PIPELINE:
         src = TEMPLATES / name
         dst = out / name
         (dst / "1").mkdir(parents=True)
-        values = {**common, **per_model_fields(name, profile, settings, onnx_dir, engines_dir)}
+        values = {**common, **per_model_fields(name, profile, settings, onnx_dir)}
         (dst / "config.pbtxt").write_text(render((src / "config.pbtxt").read_text(), values, f"{name}/config.pbtxt"))
         if name in ("dit_step", "vae_decoder"):
             if profile == "gpu":
