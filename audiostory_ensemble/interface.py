@@ -68,7 +68,8 @@ CLIP_DURATIONS_S = Tensor("CLIP_DURATIONS_S", "FP32", (-1,), "clip durations, se
 FULL_OUTPUTS = (AUDIO, CAPTIONS, CLIP_STARTS_S, CLIP_DURATIONS_S)
 
 SAMPLE_RATE = OUTPUT_SAMPLE_RATE
-ENSEMBLE = "audiostory"
+ENSEMBLE = "audiostory"               # the streaming ensemble (perf runs; no admission, no cancel)
+STREAM_MODEL = "audiostory_stream"    # the streaming front door for clients (admission, cancel)
 FULL_MODEL = "audiostory_full"
 
 

@@ -31,6 +31,9 @@ class StageMetrics:
     def counter(self, name: str, description: str, value: float = 1.0) -> None:
         self._metric(name, description, "COUNTER").increment(value)
 
+    def gauge(self, name: str, description: str, value: float) -> None:
+        self._metric(name, description, "GAUGE").set(value)
+
     def observe(self, name: str, description: str, value: float, buckets=TTFC_BUCKETS) -> None:
         self._metric(name, description, "HISTOGRAM", buckets).observe(value)
 

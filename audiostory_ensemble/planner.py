@@ -37,7 +37,7 @@ import numpy as np
 
 from .checkpoint import Converted, load_converted
 from .config import (DEFAULT_DURATION_POLICY, DEFAULT_SEED, DEFAULT_TOTAL_DURATION_S, DURATION_POLICIES,
-                     MAX_NEW_TOKENS)
+                     MAX_DURATION_S, MAX_NEW_TOKENS)
 from .grammar import (ClipSpan, NoClipError, PlanError, TokenIds, build_instruction, build_prompt,
                       parse_clip_at)
 
@@ -237,7 +237,7 @@ class Planner:
                             # Another clip follows: release what is complete.
                             for span, task in pending:
                                 yield await self._clip(span, task, prompt, False, start_s, len(gen))
-                                start_s += span.duration
+                                start_s += story_duration(span.duration)
                             pending = []
                     last = out
                 if last is None or not gen:
@@ -272,7 +272,7 @@ class Planner:
                                   text=self.tokenizer.decode(gen))
             for i, (span, task) in enumerate(pending):
                 yield await self._clip(span, task, prompt, i == len(pending) - 1, start_s, len(gen))
-                start_s += span.duration
+                start_s += story_duration(span.duration)
             pending = []
         except (PlanError, PlannerError):
             raise
@@ -318,8 +318,20 @@ class Planner:
         res = hidden[p + span.aud_pos: p + span.aud_pos + m]
         if sem.shape[0] != n or res.shape[0] != m:
             raise PlannerError(f"pooling engine returned {hidden.shape[0]} positions, clip {span.index} needs more")
-        return PlannedClip(span.index, span.caption, span.duration, span.duration, start_s, is_last,
+        return PlannedClip(span.index, span.caption, story_duration(span.duration), span.duration, start_s, is_last,
                            np.ascontiguousarray(sem), np.ascontiguousarray(res), generated)
+
+
+def story_duration(llm_duration: float) -> float:
+    """A clip's length in the story: as the LLM wrote it, capped at the DiT's window.
+
+    The repair for an absurd duration (say 400 s): the DiT renders at most its window whatever it is
+    asked (the duration feature is clamped at 30 s and the trim keeps the whole wave), so the
+    reference's audio for such a clip is the window. Capping the duration leaves that audio
+    unchanged and keeps ``CLIP_START_S``/``CLIP_DURATION_S`` true to the audio. Non-positive or
+    non-finite durations never get here: the parser rejects the clip.
+    """
+    return min(float(llm_duration), MAX_DURATION_S)
 
 
 def scale_to_total(clips: list[PlannedClip], total: float) -> list[PlannedClip]:
@@ -331,7 +343,7 @@ def scale_to_total(clips: list[PlannedClip], total: float) -> list[PlannedClip]:
     start = 0.0
     out = []
     for c in clips:
-        d = c.llm_duration * factor
+        d = story_duration(c.llm_duration * factor)
         out.append(PlannedClip(c.index, c.caption, d, c.llm_duration, start, c.is_last, c.sem, c.res,
                                c.generated_tokens))
         start += d

@@ -40,6 +40,7 @@ class Limits:
     max_guidance: float = 20.0
     min_steps: int = 1
     max_steps: int = 200
+    max_active_stories: int = 64       # admission at the front door (audiostory_stream)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class ClipMeta:
     seed: int
     num_steps: int
     arrival: float = 0.0       # wall-clock time the request reached the planner (for metrics)
+    cancel_key: str = ""       # the request id the front door cancels the story by ("" = none)
 
     def encode(self) -> np.ndarray:
         return np.array([json.dumps(asdict(self)).encode()], dtype=np.object_)
@@ -186,6 +188,88 @@ class OnnxBatchRunner:
             out.append({name: res[start:start + n] for name, res in zip(self.outputs, results)})
             start += n
         return out
+
+
+class CancelRegistry:
+    """Keys of cancelled stories, remembered for ``ttl`` seconds (clips of a cancelled story can
+    still be on their way between stages when the cancel arrives)."""
+
+    def __init__(self, ttl: float = 600.0, clock: Callable[[], float] | None = None):
+        import time
+
+        self.ttl = ttl
+        self._clock = clock or time.monotonic
+        self._keys: dict[str, float] = {}
+
+    def cancel(self, key: str) -> None:
+        if key:
+            self._prune()
+            self._keys[key] = self._clock()
+
+    def __contains__(self, key: str) -> bool:
+        return bool(key) and key in self._keys
+
+    def _prune(self) -> None:
+        now = self._clock()
+        for k in [k for k, t in self._keys.items() if now - t > self.ttl]:
+            del self._keys[k]
+
+    def __len__(self) -> int:
+        self._prune()
+        return len(self._keys)
+
+
+class PriorityGate:
+    """At most ``capacity`` holders at once; waiters are admitted lowest ``priority`` first
+    (FIFO among equals). With ``priority = (request arrival, clip index)`` the clips of requests
+    already in progress take freed slots before a newer request starts its DiT work."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.held = 0
+        self._waiters: list = []     # heap of (priority, sequence, future)
+        self._seq = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority=0):
+        import heapq
+
+        if self.held < self.capacity and not self._waiters:
+            self.held += 1
+        else:
+            fut = asyncio.get_running_loop().create_future()
+            self._seq += 1
+            entry = (priority, self._seq, fut)
+            heapq.heappush(self._waiters, entry)
+            try:
+                await fut                      # the releaser counted us in ``held``
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._release()            # admitted and cancelled at once: pass the slot on
+                else:
+                    self._waiters.remove(entry)
+                    heapq.heapify(self._waiters)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        import heapq
+
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)           # the slot passes straight to the next waiter
+                return
+        self.held -= 1
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
 
 class PerKeyLimiter:

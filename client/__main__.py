@@ -14,7 +14,7 @@ from pathlib import Path
 
 from audiostory_ensemble.post import write_wav
 
-from .api import AudioStoryClient, AudioStoryError, generate_http
+from .api import AudioStoryClient, AudioStoryError, generate_http, health_check
 
 
 def _params(args) -> dict:
@@ -57,6 +57,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_health(args) -> int:
+    try:
+        seconds = health_check(args.url, timeout=args.timeout)
+    except Exception as e:  # noqa: BLE001 - any failure makes the probe fail, with the reason
+        print(f"unhealthy: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"healthy: a story through {args.url} in {seconds:.2f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m client", description="AudioStory client")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -74,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--clips-dir", default=None, help="also write each clip here")
     g.add_argument("--timeout", type=float, default=600.0)
     g.set_defaults(func=cmd_generate)
+    h = sub.add_parser("health", help="probe: one real small request through the pipeline (exit 0 = healthy)")
+    h.add_argument("--url", default="127.0.0.1:8001", help="gRPC address")
+    h.add_argument("--timeout", type=float, default=60.0)
+    h.set_defaults(func=cmd_health)
     args = ap.parse_args(argv)
     return args.func(args)
 

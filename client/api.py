@@ -42,9 +42,10 @@ def _clip_from(get) -> Clip:
 
 
 class AudioStoryClient:
-    """Streams clips from the ``audiostory`` ensemble over gRPC."""
+    """Streams clips over gRPC from ``audiostory_stream`` (the front door; ``model="audiostory"``
+    talks to the ensemble itself). Leaving the iterator early cancels the story on the server."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", model: str = I.ENSEMBLE):
+    def __init__(self, url: str = "127.0.0.1:8001", model: str = I.STREAM_MODEL):
         import tritonclient.grpc as grpcclient
         self._grpc = grpcclient
         self.url = url
@@ -128,3 +129,22 @@ def generate_http(instruction: str, url: str = "127.0.0.1:8000", model: str = I.
     clips = [Clip(i, c, np.zeros((2, 0), np.float32), float(s), float(d), i == len(captions) - 1)
              for i, (c, s, d) in enumerate(zip(captions, starts, durations))]
     return Story(result.as_numpy(I.AUDIO.name), clips)
+
+
+HEALTH_INSTRUCTION = "a short test tone"
+
+
+def health_check(url: str = "127.0.0.1:8001", timeout: float = 60.0, model: str = I.STREAM_MODEL,
+                 num_steps: int = 1, total_duration: float = 2.0) -> float:
+    """Send one real, small request through the whole pipeline; returns its latency in seconds.
+
+    Model-ready is not proof of health: a dead python stub stays "ready" in Triton 2.51. This
+    raises :class:`AudioStoryError` (with the server's message) or ``TimeoutError`` if the pipeline
+    cannot produce a story, so it serves as a liveness/readiness probe.
+    """
+    t0 = time.monotonic()
+    story = AudioStoryClient(url, model=model).generate(
+        HEALTH_INSTRUCTION, timeout=timeout, total_duration=total_duration, num_steps=num_steps)
+    if story.audio.ndim != 2 or story.audio.shape[1] == 0 or not np.isfinite(story.audio).all():
+        raise AudioStoryError(f"health check: unusable audio of shape {list(story.audio.shape)}")
+    return time.monotonic() - t0

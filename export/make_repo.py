@@ -23,6 +23,7 @@ import string
 import sys
 from pathlib import Path
 
+from audiostory_ensemble import control
 from audiostory_ensemble import interface as I
 from audiostory_ensemble import layout
 from audiostory_ensemble.checkpoint import load_converted
@@ -30,7 +31,7 @@ from audiostory_ensemble.serving import Limits
 
 TEMPLATES = layout.PROJECT_ROOT / "model_repository"
 PIPELINE = ("llm", "bridge", "dit_sampler", "dit_step", "vae_decoder", "postprocess", "audiostory",
-            "audiostory_full")
+            "audiostory_stream", "audiostory_full")
 ONNX_MODEL_PY = TEMPLATES / "dit_step" / "1" / "model.py"   # shared by dit_step and vae_decoder
 
 PROFILES = {
@@ -38,6 +39,7 @@ PROFILES = {
         "dit_max_batch": 16, "dit_queue_delay_us": 2000, "dit_instances": 1, "dit_threads": 2,
         "vae_max_batch": 4, "vae_queue_delay_us": 2000, "vae_instances": 1, "vae_threads": 2,
         "bridge_instances": 1, "full_instances": 4, "clips_in_flight_per_request": 1,
+        "max_clips_in_flight": 32, "stream_instances": 1,
         "engine_options": {"dtype": "float32", "max_model_len": 2048, "kv_cache_gib": 1, "enforce_eager": True},
         "limits": {},
     },
@@ -45,6 +47,7 @@ PROFILES = {
         "dit_max_batch": 16, "dit_queue_delay_us": 1000, "dit_instances": 1, "dit_threads": 0,
         "vae_max_batch": 4, "vae_queue_delay_us": 1000, "vae_instances": 1, "vae_threads": 0,
         "bridge_instances": 1, "full_instances": 8, "clips_in_flight_per_request": 2,
+        "max_clips_in_flight": 64, "stream_instances": 1,
         "engine_options": {"dtype": "bfloat16", "max_model_len": 4096, "generate_gpu_memory_utilization": 0.35,
                            "pooling_gpu_memory_utilization": 0.15, "enforce_eager": False},
         "engines": {"dit_step": None, "vae_decoder": None},   # plan file names, from engines.json
@@ -66,6 +69,10 @@ def _maps(kind: str, names) -> str:
     return "\n".join(f'      {kind} {{ key: "{n}" value: "{n}" }}' for n in names)
 
 
+def control_input_line(name: str = control.CANCEL_INPUT) -> str:
+    return f'  {{ name: "{name}" data_type: TYPE_STRING dims: [ 1 ] optional: true }}'
+
+
 def dit_input_lines(n: int, tensorrt: bool) -> str:
     shapes = {"x": "645, 64", "cond": f"{n}, 1024", "duration": "1", "sigma": "1", "sigma_next": "1",
               "guidance": "1"}
@@ -84,6 +91,8 @@ def fields(profile: str, settings: dict, checkpoint: Path) -> dict:
         "n": cfg.num_t5_tokens, "m": cfg.num_aud_tokens, "llm_hidden": cfg.llm.hidden_size,
         "checkpoint": str(checkpoint),
         "request_inputs": _tensor_lines(I.REQUEST_INPUTS),
+        "stream_inputs": _tensor_lines(I.REQUEST_INPUTS) + ",\n" + control_input_line(control.STORY_KEY_INPUT),
+        "llm_inputs": _tensor_lines(I.REQUEST_INPUTS, optional=True) + ",\n" + control_input_line(),
         "clip_outputs": _tensor_lines(I.CLIP_OUTPUTS),
         "full_outputs": _tensor_lines(I.FULL_OUTPUTS),
         "llm_input_map": _maps("input_map", [t.name for t in I.REQUEST_INPUTS]),
@@ -95,7 +104,8 @@ def fields(profile: str, settings: dict, checkpoint: Path) -> dict:
         "dit_inputs": dit_input_lines(cfg.num_t5_tokens, tensorrt=gpu),
     }
     for key in ("dit_max_batch", "dit_queue_delay_us", "dit_instances", "vae_max_batch", "vae_queue_delay_us",
-                "vae_instances", "bridge_instances", "full_instances", "clips_in_flight_per_request"):
+                "vae_instances", "bridge_instances", "full_instances", "clips_in_flight_per_request",
+                "max_clips_in_flight", "stream_instances"):
         f[key] = settings[key]
     return f
 

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from audiostory_ensemble import interface as I
 from audiostory_ensemble.triton_server import TritonServer
-from client.api import AudioStoryClient, AudioStoryError, generate_http
+from client.api import AudioStoryClient, AudioStoryError, generate_http, request_arrays
 from export.make_repo import make_repo
+from tests.serverutil import OpenStream, infer_error, metric, scrape, settled, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -97,22 +99,10 @@ def test_bad_request_names_the_field(client, server, sample_instructions):
     assert len(client.generate(caption, total_duration=total, num_steps=2).clips) >= 2  # still serving
 
 
-def _scrape(server) -> dict[str, float]:
-    import urllib.request
-
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            values[key] = float(value)
-    return values
-
-
 def test_metrics_after_a_request(client, server, sample_instructions):
     caption, total = sample_instructions[1]
     story = client.generate(caption, total_duration=total, num_steps=3, seed=21)
-    m = _scrape(server)
+    m = scrape(server)
     assert m['audiostory_clips_total{model="postprocess"}'] >= len(story.clips)
     assert m['audiostory_audio_seconds_total{model="postprocess"}'] >= total - 1e-3
     ttfc_count = m['audiostory_time_to_first_clip_seconds_count{model="postprocess"}']
@@ -126,3 +116,159 @@ def test_metrics_after_a_request(client, server, sample_instructions):
     # Triton's own latency distributions are on (2.51 offers quantile summaries, not histograms).
     assert any(k.startswith('nv_inference_request_summary_us{model="audiostory"') for k in m)
     assert m['nv_inference_request_summary_us_count{model="dit_step",version="1"}'] >= steps
+
+
+# ---- the edge: a corpus of bad requests ------------------------------------------------------------
+
+GOOD = dict(instruction="rain on a tin roof", total_duration=12.0, num_steps=2)
+
+
+def _f32(*v):
+    return np.array(v, dtype=np.float32)
+
+
+def _txt(*v):
+    return np.array(list(v), dtype=np.object_)
+
+
+BAD_REQUESTS = [  # (what, the field the error must name, overrides of a good request; None = leave out)
+    ("missing instruction", "INSTRUCTION", dict(INSTRUCTION=None)),
+    ("empty instruction", "INSTRUCTION", dict(INSTRUCTION=_txt(b""))),
+    ("whitespace instruction", "INSTRUCTION", dict(INSTRUCTION=_txt(b" \t\n "))),
+    ("non-UTF-8 instruction", "INSTRUCTION", dict(INSTRUCTION=_txt(b"\xff\xfe rain"))),
+    ("over-long instruction", "INSTRUCTION", dict(INSTRUCTION=_txt(b"x" * 5000))),
+    ("two instructions", "INSTRUCTION", dict(INSTRUCTION=_txt(b"a", b"b"))),
+    ("numeric instruction", "INSTRUCTION", dict(INSTRUCTION=_f32(1.0))),
+    ("duration NaN", "TOTAL_DURATION", dict(TOTAL_DURATION=_f32(np.nan))),
+    ("duration +inf", "TOTAL_DURATION", dict(TOTAL_DURATION=_f32(np.inf))),
+    ("duration -inf", "TOTAL_DURATION", dict(TOTAL_DURATION=_f32(-np.inf))),
+    ("duration zero", "TOTAL_DURATION", dict(TOTAL_DURATION=_f32(0))),
+    ("duration negative", "TOTAL_DURATION", dict(TOTAL_DURATION=_f32(-5))),
+    ("duration too short", "TOTAL_DURATION", dict(TOTAL_DURATION=_f32(0.5))),
+    ("duration too long", "TOTAL_DURATION", dict(TOTAL_DURATION=_f32(601))),
+    ("duration huge", "TOTAL_DURATION", dict(TOTAL_DURATION=_f32(3e38))),
+    ("duration FP64", "TOTAL_DURATION", dict(TOTAL_DURATION=np.array([10.0], np.float64))),
+    ("duration INT32", "TOTAL_DURATION", dict(TOTAL_DURATION=np.array([10], np.int32))),
+    ("duration two values", "TOTAL_DURATION", dict(TOTAL_DURATION=_f32(10, 20))),
+    ("duration empty", "TOTAL_DURATION", dict(TOTAL_DURATION=np.zeros((0,), np.float32))),
+    ("guidance NaN", "GUIDANCE_SCALE", dict(GUIDANCE_SCALE=_f32(np.nan))),
+    ("guidance inf", "GUIDANCE_SCALE", dict(GUIDANCE_SCALE=_f32(np.inf))),
+    ("guidance negative", "GUIDANCE_SCALE", dict(GUIDANCE_SCALE=_f32(-1))),
+    ("guidance zero", "GUIDANCE_SCALE", dict(GUIDANCE_SCALE=_f32(0))),
+    ("guidance below 1", "GUIDANCE_SCALE", dict(GUIDANCE_SCALE=_f32(0.5))),
+    ("guidance too high", "GUIDANCE_SCALE", dict(GUIDANCE_SCALE=_f32(20.5))),
+    ("guidance FP16", "GUIDANCE_SCALE", dict(GUIDANCE_SCALE=np.array([4.0], np.float16))),
+    ("guidance three values", "GUIDANCE_SCALE", dict(GUIDANCE_SCALE=_f32(4, 4, 4))),
+    ("seed -1", "SEED", dict(SEED=np.array([-1], np.int64))),
+    ("seed int64 min", "SEED", dict(SEED=np.array([-2**63], np.int64))),
+    ("seed FP32", "SEED", dict(SEED=np.array([1.0], np.float32))),
+    ("seed INT32", "SEED", dict(SEED=np.array([1], np.int32))),
+    ("seed UINT64 beyond int64", "SEED", dict(SEED=np.array([2**64 - 1], np.uint64))),
+    ("seed two values", "SEED", dict(SEED=np.array([1, 2], np.int64))),
+    ("steps zero", "NUM_STEPS", dict(NUM_STEPS=np.array([0], np.int32))),
+    ("steps negative", "NUM_STEPS", dict(NUM_STEPS=np.array([-1], np.int32))),
+    ("steps too many", "NUM_STEPS", dict(NUM_STEPS=np.array([201], np.int32))),
+    ("steps int32 max", "NUM_STEPS", dict(NUM_STEPS=np.array([2**31 - 1], np.int32))),
+    ("steps INT64", "NUM_STEPS", dict(NUM_STEPS=np.array([10], np.int64))),
+    ("steps FP32", "NUM_STEPS", dict(NUM_STEPS=np.array([10.0], np.float32))),
+    ("policy unknown", "DURATION_POLICY", dict(DURATION_POLICY=_txt(b"fast"))),
+    ("policy empty", "DURATION_POLICY", dict(DURATION_POLICY=_txt(b""))),
+    ("policy wrong case", "DURATION_POLICY", dict(DURATION_POLICY=_txt(b"MODEL"))),
+    ("policy non-UTF-8", "DURATION_POLICY", dict(DURATION_POLICY=_txt(b"\xc3("))),
+    ("policy INT32", "DURATION_POLICY", dict(DURATION_POLICY=np.array([1], np.int32))),
+    ("unknown input", "UNKNOWN_INPUT", dict(UNKNOWN_INPUT=_f32(1))),
+    ("internal input", "_STORY_KEY", dict(_STORY_KEY=_txt(b"../../etc/passwd"))),
+]
+
+
+def _request(**overrides):
+    arrays = request_arrays(**GOOD)
+    for name, value in overrides.items():
+        if value is None:
+            arrays.pop(name, None)
+        else:
+            arrays[name] = value
+    return arrays
+
+
+def test_bad_request_corpus_is_refused_with_the_field_named_then_a_good_request_works(server, client):
+    assert len(BAD_REQUESTS) >= 40
+    wrong = []
+    for what, field, overrides in BAD_REQUESTS:
+        for model in (I.FULL_MODEL, I.STREAM_MODEL):
+            if model == I.STREAM_MODEL:
+                err = _stream_error(server, model, _request(**overrides))
+                ok = err is not None and field in err
+            else:
+                e = infer_error(server.grpc_url, model, _request(**overrides))
+                ok = e is not None and e.status() == "StatusCode.INVALID_ARGUMENT" and field in e.message()
+                err = None if e is None else f"{e.status()} {e.message()}"
+            if not ok:
+                wrong.append(f"{what} via {model}: {err}")
+    assert not wrong, "\n".join(wrong)
+    story = client.generate("rain on a tin roof", total_duration=12.0, num_steps=2)
+    assert story.audio.shape[0] == 2 and story.audio.shape[1] > 0 and np.isfinite(story.audio).all()
+
+
+def _stream_error(server, model, arrays) -> str | None:
+    """Send one streamed request; the error message it ended with (None if it produced audio)."""
+    import queue
+
+    from tests.serverutil import grpc_inputs
+
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    q: queue.Queue = queue.Queue()
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    try:
+        c.async_stream_infer(model, grpc_inputs(arrays), enable_empty_final_response=True)
+        result, error = q.get(timeout=120)
+        return None if error is None else error.message()
+    except Exception as e:  # noqa: BLE001 - the client refused to send it: report as the error
+        return str(e)
+    finally:
+        c.stop_stream()
+        c.close()
+
+
+# ---- cancellation reaches the planner and the sampler --------------------------------------------
+
+ROWS = "audiostory_dit_step_rows_total"
+
+
+def test_a_cancelled_stream_stops_the_sampler_within_a_step(server, sample_instructions):
+    caption, _ = sample_instructions[0]
+    rows = lambda: metric(server, ROWS, "dit_step")  # noqa: E731
+    cancelled = lambda: metric(server, "audiostory_clips_cancelled_total", "dit_sampler")  # noqa: E731
+    rows0, cancelled0 = rows(), cancelled()
+    saved0 = metric(server, "audiostory_steps_saved_total", "dit_sampler")
+    steps = 200
+    stream = OpenStream(server.grpc_url, instruction=caption, total_duration=50.0, num_steps=steps)
+    wait_for(lambda: rows() >= rows0 + 10, what="the story's first DiT steps")
+    at_cancel = rows()
+    stream.cancel()
+    wait_for(lambda: cancelled() > cancelled0, what="dit_sampler to see the cancel")
+    final = settled(rows)
+    after = final - at_cancel
+    assert after <= 2, f"{after} DiT steps ran after the cancel"       # at most the one in flight
+    assert final - rows0 < steps, "the first clip ran to the end"
+    assert metric(server, "audiostory_steps_saved_total", "dit_sampler") - saved0 >= steps - (final - rows0)
+    assert metric(server, "audiostory_requests_cancelled_total", "audiostory_stream") >= 1
+    assert metric(server, "audiostory_cancel_requests_total", "llm") >= 1
+    wait_for(lambda: metric(server, "audiostory_active_stories", "audiostory_stream") == 0, what="no active story")
+
+
+def test_a_cancel_during_planning_aborts_the_plan(server, sample_instructions):
+    caption, _ = sample_instructions[0]
+    plans = lambda: metric(server, "audiostory_plans_cancelled_total", "llm")  # noqa: E731
+    plans0 = plans()
+    dropped0 = metric(server, "audiostory_clips_cancelled_total", "dit_sampler")
+    rows0 = metric(server, ROWS, "dit_step")
+    # An exact-policy plan releases no clip before the whole plan is written: cancel while it is.
+    stream = OpenStream(server.grpc_url, instruction=caption, total_duration=50.0, num_steps=200,
+                        duration_policy="exact")
+    wait_for(lambda: metric(server, "audiostory_active_stories", "audiostory_stream") >= 1, what="the story to start")
+    stream.cancel()
+    wait_for(lambda: metric(server, "audiostory_active_stories", "audiostory_stream") == 0, what="the story to end")
+    # Either the plan was still being written (aborted in vLLM) or its clips were dropped at the sampler.
+    assert plans() > plans0 or metric(server, "audiostory_clips_cancelled_total", "dit_sampler") > dropped0
+    assert settled(lambda: metric(server, ROWS, "dit_step")) - rows0 < 200

@@ -1,8 +1,9 @@
 """audiostory_full: the whole story in one response (for HTTP clients and simple load tests).
 
-Calls the streaming `audiostory` ensemble through BLS, orders the clips by index, crossfades them
-with the reference's rule, and returns the story with its captions and timings. Not decoupled
-(HTTP cannot carry streams); concurrency comes from the instance count.
+Calls the streaming front door `audiostory_stream` through BLS (so admission control applies to
+both), orders the clips by index, crossfades them with the reference's rule, and returns the story
+with its captions and timings. Not decoupled (HTTP cannot carry streams); concurrency comes from the
+instance count. If the client goes away (checked between clips), the story is cancelled by its key.
 """
 import json
 
@@ -10,14 +11,14 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble import serving
+from audiostory_ensemble import control, serving
 from audiostory_ensemble.stitch import StoryAssembler
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = json.loads(args["model_config"]).get("parameters", {})
-        self.ensemble = params.get("ensemble", {}).get("string_value", I.ENSEMBLE)
+        self.stream_model = params.get("stream_model", {}).get("string_value", I.STREAM_MODEL)
         self.limits = serving.Limits(**json.loads(params.get("limits", {}).get("string_value", "{}")))
 
     def execute(self, requests):
@@ -30,10 +31,16 @@ class TritonPythonModel:
         except serving.RequestError as e:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
         story = StoryAssembler()
+        key = control.new_key()
+        key_t = pb_utils.Tensor(control.STORY_KEY_INPUT, np.array([key.encode()], dtype=np.object_))
         bls = pb_utils.InferenceRequest(
-            model_name=self.ensemble, inputs=[t for t in inputs.values() if t is not None],
+            model_name=self.stream_model, inputs=[t for t in inputs.values() if t is not None] + [key_t],
             requested_output_names=[t.name for t in I.CLIP_OUTPUTS])
         for response in bls.exec(decoupled=True):
+            if request.is_cancelled():
+                control.cancel_story_sync(pb_utils, key)
+                return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    "cancelled by the client", pb_utils.TritonError.CANCELLED))
             if response.has_error():
                 return pb_utils.InferenceResponse(error=response.error())
             audio = pb_utils.get_output_tensor_by_name(response, I.CLIP_AUDIO.name)

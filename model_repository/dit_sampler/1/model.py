@@ -1,9 +1,17 @@
 """dit_sampler: the flow-matching loop for one clip, one `dit_step` request per step (BLS).
 
 Decoupled with an async execute: every clip in flight is a coroutine awaiting its next step, so
-steps of many clips (and requests) meet in `dit_step`'s dynamic batcher. Within one request, at
-most `clips_in_flight_per_request` clips denoise at once, in the order they arrive (story order):
-the listener needs clip 0 first, and clips of other requests keep the batches full.
+steps of many clips (and requests) meet in `dit_step`'s dynamic batcher.
+
+Scheduling, two gates:
+- per request, at most `clips_in_flight_per_request` clips denoise at once, in story order (the
+  listener needs clip 0 first, and clips of other requests keep the batches full);
+- overall, at most `max_clips_in_flight` clips denoise at once; a freed slot goes to the clip of
+  the oldest request (then the lowest index), so stories in progress finish before a newer request
+  starts DiT work. (BLS requests carry no priority in Triton 2.51; this is the priority.)
+
+Cancellation: a request with `_CANCEL` = a story key (sent by the front door) stops every clip of
+that story before its next step; clips of the story that arrive later are dropped at once.
 """
 import asyncio
 import json
@@ -11,9 +19,10 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from audiostory_ensemble import serving
-from audiostory_ensemble.serving import PerKeyLimiter
+from audiostory_ensemble import control, serving
+from audiostory_ensemble.metrics import StageMetrics
 from audiostory_ensemble.sampler import flow_sigmas, initial_noise
+from audiostory_ensemble.serving import CancelRegistry, PerKeyLimiter, PriorityGate
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -22,9 +31,13 @@ class TritonPythonModel:
     def initialize(self, args):
         self.logger = pb_utils.Logger
         params = json.loads(args["model_config"]).get("parameters", {})
-        self.step_model = params.get("step_model", {}).get("string_value", "dit_step")
-        self.limiter = PerKeyLimiter(int(params.get("clips_in_flight_per_request", {}).get("string_value", "1")))
+        param = lambda key, default: params.get(key, {}).get("string_value", default)  # noqa: E731
+        self.step_model = param("step_model", "dit_step")
+        self.limiter = PerKeyLimiter(int(param("clips_in_flight_per_request", "1")))
+        self.gate = PriorityGate(int(param("max_clips_in_flight", "32")))
+        self.cancelled = CancelRegistry()
         self.noise_cache = {0: initial_noise(0).numpy()}
+        self.metrics = StageMetrics(pb_utils, "dit_sampler")
 
     async def execute(self, requests):
         await asyncio.gather(*(self._one(r) for r in requests))
@@ -39,6 +52,13 @@ class TritonPythonModel:
 
     async def _one(self, request):
         sender = request.get_response_sender()
+        cancel_t = pb_utils.get_input_tensor_by_name(request, control.CANCEL_INPUT)
+        if cancel_t is not None:
+            key = cancel_t.as_numpy().reshape(-1)[0].decode("utf-8", "replace")
+            self.cancelled.cancel(key)
+            self.metrics.counter("audiostory_cancel_requests_total", "Control requests that cancelled a story")
+            sender.send(flags=FINAL)
+            return
         cond_t = pb_utils.get_input_tensor_by_name(request, "_COND")
         meta_t = pb_utils.get_input_tensor_by_name(request, "_META")
         if cond_t is None or meta_t is None:  # a final-flag placeholder
@@ -50,8 +70,17 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"dit_sampler: bad _META: {e}")),
                         flags=FINAL)
             return
-        async with self.limiter.slot(meta.request_id):
+        async with self.limiter.slot(meta.request_id), self.gate.slot((meta.arrival, meta.index)):
             await self._denoise(sender, cond_t, meta_t, meta)
+
+    def _stopped(self, sender, meta, steps_done):
+        if meta.cancel_key in self.cancelled or sender.is_cancelled():
+            self.metrics.counter("audiostory_clips_cancelled_total", "Clips stopped by a cancel")
+            self.metrics.counter("audiostory_steps_saved_total", "DiT steps not run because of a cancel",
+                                 meta.num_steps - steps_done)
+            sender.send(flags=FINAL)
+            return True
+        return False
 
     async def _denoise(self, sender, cond_t, meta_t, meta):
         try:
@@ -61,8 +90,7 @@ class TritonPythonModel:
             row = lambda v: np.array([[v]], dtype=np.float32)  # noqa: E731
             duration, guidance = row(meta.render_s), row(meta.guidance)
             for i in range(meta.num_steps):
-                if sender.is_cancelled():
-                    sender.send(flags=FINAL)
+                if self._stopped(sender, meta, i):
                     return
                 inputs = [pb_utils.Tensor("x", x), pb_utils.Tensor("cond", cond),
                           pb_utils.Tensor("duration", duration), pb_utils.Tensor("sigma", row(sigmas[i])),

@@ -4,7 +4,14 @@ Thin adapter over ``audiostory_ensemble.planner``. Traps handled here (Triton 2.
 locale set before importing vLLM; engines guarded against outliving the stub; the last clip
 carries the final flag (no empty trailing response); ``is_cancelled()`` is never called after
 the final response was sent.
+
+Cancellation: a caller of this model directly sees ``is_cancelled()`` work; behind the ensemble it
+never fires (Triton 2.51), so the front door sends a control request with ``_CANCEL`` = the story's
+key (the ensemble request id, which reaches this model as its request id). Either way the plan's
+coroutine is cancelled and the planner aborts its vLLM requests.
 """
+import asyncio
+import contextlib
 import json
 import locale
 import os
@@ -16,7 +23,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from audiostory_ensemble import serving  # noqa: E402
+from audiostory_ensemble import control, serving  # noqa: E402
 from audiostory_ensemble.metrics import StageMetrics  # noqa: E402
 from audiostory_ensemble.config import CROSSFADE_S  # noqa: E402
 from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest  # noqa: E402
@@ -39,11 +46,18 @@ class TritonPythonModel:
         self.loop.run(self.planner.start())
         serving.guard_children()
         self.metrics = StageMetrics(pb_utils, "llm")
+        self.plans_by_key: dict[str, set] = {}     # story key -> futures of its plan coroutines
+        self.cancelled = serving.CancelRegistry()   # a cancel may overtake its story's request
         self.logger.log_info(f"llm: engines ready on {self.planner.converted.llm_dir}")
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            cancel = pb_utils.get_input_tensor_by_name(request, control.CANCEL_INPUT)
+            if cancel is not None:
+                self._cancel(cancel.as_numpy().reshape(-1)[0].decode("utf-8", "replace"))
+                sender.send(flags=FINAL)
+                continue
             try:
                 params = serving.parse_request(
                     lambda name: _input(request, name), self.limits)
@@ -54,29 +68,56 @@ class TritonPythonModel:
             self.loop.submit(self._serve(request.request_id() or "", params, sender, time.time()))
         return None
 
-    async def _serve(self, triton_id, params, sender, arrival):
+    def _cancel(self, key):
+        if not key:
+            return
+        self.cancelled.cancel(key)   # a plan that has not started yet sees this and ends at once
+        tasks = list(self.plans_by_key.get(key, ()))
+        for task in tasks:
+            self.loop.loop.call_soon_threadsafe(task.cancel)
+        self.metrics.counter("audiostory_cancel_requests_total", "Control requests that cancelled a story")
+        self.logger.log_info(f"llm: cancel {key}: {len(tasks)} plan(s) in flight")
+
+    async def _serve(self, key, params, sender, arrival):
+        if key in self.cancelled:
+            sender.send(flags=FINAL)
+            return
+        task = asyncio.current_task()
+        self.plans_by_key.setdefault(key, set()).add(task)
+        try:
+            await self._plan(key, params, sender, arrival)
+        finally:
+            tasks = self.plans_by_key.get(key, set())
+            tasks.discard(task)
+            if not tasks:
+                self.plans_by_key.pop(key, None)
+
+    async def _plan(self, key, params, sender, arrival):
         req = PlanRequest(params.instruction, params.total_duration, params.seed, params.duration_policy)
         sent_final = False
         clips = 0
         try:
-            async for clip in self.planner.plan(req):
-                if sender.is_cancelled():
-                    await self.planner.abort(req.request_id)
-                    break
-                meta = serving.ClipMeta(
-                    req.request_id, clip.index, clip.caption, clip.start_s, clip.duration,
-                    serving.clip_render_duration(clip.duration, clip.is_last, CROSSFADE_S),
-                    clip.is_last, params.guidance, params.seed, params.num_steps, arrival)
-                response = pb_utils.InferenceResponse([
-                    pb_utils.Tensor("_SEM", clip.sem.astype(np.float32)),
-                    pb_utils.Tensor("_RES", clip.res.astype(np.float32)),
-                    pb_utils.Tensor("_META", meta.encode()),
-                ])
-                sender.send(response, flags=FINAL if clip.is_last else 0)
-                sent_final = clip.is_last
-                clips += 1
+            async with contextlib.aclosing(self.planner.plan(req)) as plan:  # closing aborts in vLLM
+                async for clip in plan:
+                    if sender.is_cancelled():
+                        raise asyncio.CancelledError
+                    meta = serving.ClipMeta(
+                        req.request_id, clip.index, clip.caption, clip.start_s, clip.duration,
+                        serving.clip_render_duration(clip.duration, clip.is_last, CROSSFADE_S),
+                        clip.is_last, params.guidance, params.seed, params.num_steps, arrival, key)
+                    response = pb_utils.InferenceResponse([
+                        pb_utils.Tensor("_SEM", clip.sem.astype(np.float32)),
+                        pb_utils.Tensor("_RES", clip.res.astype(np.float32)),
+                        pb_utils.Tensor("_META", meta.encode()),
+                    ])
+                    sender.send(response, flags=FINAL if clip.is_last else 0)
+                    sent_final = clip.is_last
+                    clips += 1
+        except asyncio.CancelledError:
+            # The planner's cleanup has aborted the vLLM requests by now.
+            self.metrics.counter("audiostory_plans_cancelled_total", "Plans stopped by a cancel")
         except Exception as e:  # noqa: BLE001 - every failure becomes an error response
-            self.logger.log_error(f"llm: request {triton_id}: {type(e).__name__}: {e}")
+            self.logger.log_error(f"llm: request {key}: {type(e).__name__}: {e}")
             if not sent_final:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
                 sent_final = True

@@ -1,0 +1,58 @@
+"""Cancelling a story across the pipeline's processes.
+
+Triton 2.51 neither passes an ensemble's cancellation to its composing models nor lets a BLS
+caller cancel the request it sent. So the front door (``audiostory_stream`` and
+``audiostory_full``) gives every story a key — the request id it sends the ``audiostory``
+ensemble, which the ensemble hands to each step — and, when its own client cancels or disconnects,
+sends a control request carrying that key to the stages that hold long work:
+
+- ``llm``: cancels the plan's coroutine, which aborts its vLLM requests (generate and pooling);
+- ``dit_sampler``: remembers the key; every clip of the story stops before its next step and
+  clips still on their way are dropped on arrival.
+
+``pb_utils`` is passed in (it exists only inside the python-backend stub).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+
+import numpy as np
+
+CANCEL_INPUT = "_CANCEL"          # control input of `llm` and `dit_sampler`: BYTES [1], the key
+STORY_KEY_INPUT = "_STORY_KEY"    # optional input of `audiostory_stream`: a caller-chosen key
+CANCEL_TARGETS = ("llm", "dit_sampler")
+_KEY = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_key() -> str:
+    return uuid.uuid4().hex
+
+
+def valid_key(key: str) -> bool:
+    return bool(_KEY.match(key))
+
+
+def _requests(pb_utils, key: str, targets=CANCEL_TARGETS):
+    tensor = np.array([key.encode()], dtype=np.object_)
+    return [pb_utils.InferenceRequest(model_name=m, inputs=[pb_utils.Tensor(CANCEL_INPUT, tensor)],
+                                      requested_output_names=[]) for m in targets]
+
+
+def cancel_story_sync(pb_utils, key: str, targets=CANCEL_TARGETS) -> list[str]:
+    """Send the cancel to every target; returns the errors (empty when all acknowledged)."""
+    errors = []
+    for model, req in zip(targets, _requests(pb_utils, key, targets)):
+        try:
+            for response in req.exec(decoupled=True):
+                if response.has_error():
+                    errors.append(f"{model}: {response.error().message()}")
+        except Exception as e:  # noqa: BLE001 - a dead stage cannot be cancelled; report it
+            errors.append(f"{model}: {type(e).__name__}: {e}")
+    return errors
+
+
+async def cancel_story(pb_utils, key: str, targets=CANCEL_TARGETS) -> list[str]:
+    return await asyncio.to_thread(cancel_story_sync, pb_utils, key, targets)
