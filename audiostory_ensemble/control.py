@@ -24,6 +24,7 @@ import numpy as np
 CANCEL_INPUT = "_CANCEL"          # control input of `llm` and `dit_sampler`: BYTES [1], the key
 STORY_KEY_INPUT = "_STORY_KEY"    # optional input of `audiostory_stream`: a caller-chosen key
 CANCEL_TARGETS = ("llm", "dit_sampler")
+BUSY = "server busy"              # how the front door's admission refusal begins (UNAVAILABLE)
 _KEY = re.compile(r"^[0-9a-f]{32}$")
 
 

@@ -35,7 +35,7 @@ class Tensor:
                 + (" optional: true" if opt else "") + " }")
 
 
-# ---- request inputs (the ensemble `audiostory` and `audiostory_full`) ---------------------------
+# ---- request inputs (`audiostory_stream`, the ensemble `audiostory`, `audiostory_full`) ---------------------------
 INSTRUCTION = Tensor("INSTRUCTION", "BYTES", (1,), "what the story is about (UTF-8 text)")
 TOTAL_DURATION = Tensor("TOTAL_DURATION", "FP32", (1,), "requested story length in seconds",
                         DEFAULT_TOTAL_DURATION_S, True)
@@ -85,10 +85,10 @@ def markdown_tables() -> str:
                        + f"{t.description} |")
         return out
 
-    lines = ["Inputs (`audiostory` and `audiostory_full`):", "",
+    lines = ["Inputs (`audiostory_stream`, `audiostory` and `audiostory_full`):", "",
              "| name | type | shape | default | meaning |", "|---|---|---|---|---|",
              *rows(REQUEST_INPUTS, True), "",
-             "Streamed outputs of `audiostory`, one response per clip:", "",
+             "Streamed outputs of `audiostory_stream` and `audiostory`, one response per clip:", "",
              "| name | type | shape | meaning |", "|---|---|---|---|", *rows(CLIP_OUTPUTS, False), "",
              "Outputs of `audiostory_full`:", "",
              "| name | type | shape | meaning |", "|---|---|---|---|", *rows(FULL_OUTPUTS, False)]

@@ -344,30 +344,73 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _shm_mappings(pids: list[int]) -> list[str]:
+    """The ``/dev/shm`` files the processes have mapped (vLLM's message queues, Triton's regions)."""
+    out = set()
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                path = line.split(maxsplit=5)[5] if len(line.split(maxsplit=5)) == 6 else ""
+                if path.startswith("/dev/shm/") and not path.endswith("(deleted)"):
+                    out.add(path)
+        except OSError:
+            continue
+    return sorted(out)
+
+
+_WATCHDOG = """
+import os, signal, sys, time
+fd, server = int(sys.argv[1]), int(sys.argv[2])
+pids = [int(p) for p in sys.argv[3].split(",") if p]
+engine_shm = [p for p in sys.argv[4].split(",") if p]
+own_shm = [p for p in sys.argv[5].split(",") if p]
+try:
+    said = os.read(fd, 1)
+except OSError:
+    said = b""
+if said == b"q":          # clean shutdown: the engines were stopped and cleaned up by their owner
+    sys.exit(0)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except OSError:
+            pass
+    time.sleep(3)
+def server_alive():
+    try:
+        os.kill(server, 0)
+        return True
+    except OSError:
+        return False
+# Shared memory outlives its processes: remove the engines' regions, and the stub's own ones when
+# the server is gone too (a live server still owns and removes those).
+for path in engine_shm + ([] if server_alive() else own_shm):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+"""
+
+
 def guard_children(parent_pid: int | None = None) -> subprocess.Popen | None:
     """Start a watchdog that kills this process's current descendants when this process dies.
 
     vLLM's engine processes outlive a killed python-backend stub (gigabytes, and leaked shared
     memory). The watchdog gets SIGKILL-proof notice through a pipe: when the stub dies for any
-    reason its end of the pipe closes, and the watchdog kills the recorded process tree.
+    reason its end of the pipe closes, and the watchdog kills the recorded process tree and removes
+    the shared-memory files they had mapped. :func:`release_guard` tells it to exit quietly.
     """
     parent = parent_pid or os.getpid()
     pids = _descendants(parent)
     if not pids:
         return None
+    engine_shm = _shm_mappings(pids)
+    own_shm = [p for p in _shm_mappings([parent]) if p not in engine_shm]
+    server = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
     read_fd, write_fd = os.pipe()
-    code = (
-        "import os,signal,sys\n"
-        f"fd={read_fd}\n"
-        "pids=[int(p) for p in sys.argv[1:]]\n"
-        "try:\n    os.read(fd, 1)\nexcept OSError:\n    pass\n"
-        "for sig in (signal.SIGTERM, signal.SIGKILL):\n"
-        "    for p in pids:\n"
-        "        try: os.kill(p, sig)\n"
-        "        except OSError: pass\n"
-        "    import time; time.sleep(3)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, pids)], pass_fds=(read_fd,),
+    proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(read_fd), str(server), ",".join(map(str, pids)),
+                             ",".join(engine_shm), ",".join(own_shm)], pass_fds=(read_fd,),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     os.close(read_fd)
@@ -384,6 +427,7 @@ def release_guard() -> None:
     while _KEEP:
         fd = _KEEP.pop()
         try:
+            os.write(fd, b"q")
             os.close(fd)
         except OSError:
             pass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,6 +30,13 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRITON_HOME = PROJECT_ROOT / "build" / "tritonserver"
 ROOT_REPO = PROJECT_ROOT / "model_repository"
+
+
+# APIs that take paths or names of host resources from the caller (shared-memory regions, trace
+# files, log settings, model loading): open only to callers that send the admin header.
+RESTRICTED_APIS = ("shared-memory", "model-repository", "trace", "logging")
+ADMIN_HEADER = "audiostory-admin-token"                       # the HTTP header
+GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER     # gRPC metadata key Triton expects
 
 
 class TritonServerError(RuntimeError):
@@ -78,6 +86,7 @@ class TritonServer:
         extra_args: list[str] | None = None,
         triton_home: str | os.PathLike = DEFAULT_TRITON_HOME,
         env: dict | None = None,
+        admin_token: str | None = None,
     ):
         self.model_repository = Path(model_repository).resolve()
         self.address = address
@@ -92,6 +101,8 @@ class TritonServer:
         self.env = server_env(self.triton_home, env)
         self.process: subprocess.Popen | None = None
         self._log_file = None
+        # The admin header's value: given, from AUDIOSTORY_ADMIN_TOKEN, or random per start.
+        self.admin_token = admin_token or os.environ.get("AUDIOSTORY_ADMIN_TOKEN") or secrets.token_hex(16)
 
     # -- addresses -------------------------------------------------------------------------
     @property
@@ -127,6 +138,8 @@ class TritonServer:
             "--metrics-config=summary_latencies=true",  # 2.51 has summaries, not histograms
             f"--log-verbose={self.log_verbose}",
             "--exit-on-error=true",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_token}",
+            f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_token}",
         ]
         if self.load_models:
             # Only the named models; explicit mode also opens the load/unload API to clients.

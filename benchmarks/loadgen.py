@@ -79,7 +79,7 @@ def run_baseline(model: str, items) -> dict:
 # Served
 # -------------------------------------------------------------------------------------------------
 
-async def one_story(client, item) -> dict:
+async def one_story(client, item, model: str = I.ENSEMBLE) -> dict:
     import tritonclient.grpc.aio as aio
 
     inputs = []
@@ -92,10 +92,10 @@ async def one_story(client, item) -> dict:
     rid = uuid.uuid4().hex
 
     async def requests():
-        yield {"model_name": I.ENSEMBLE, "inputs": inputs, "request_id": rid, "enable_empty_final_response": True}
+        yield {"model_name": model, "inputs": inputs, "request_id": rid, "enable_empty_final_response": True}
 
     start = time.perf_counter()
-    first, clips, audio, error = None, set(), 0.0, None
+    first, clips, audio, error, last = None, set(), 0.0, None, []
     async for result, err in client.stream_infer(requests()):
         if err is not None:
             error = str(err)
@@ -108,6 +108,8 @@ async def one_story(client, item) -> dict:
             if index in clips:
                 error = f"duplicate clip {index}"
             clips.add(index)
+            if bool(result.as_numpy(I.IS_LAST.name)[0]):
+                last.append(index)
             audio += float(result.as_numpy(I.CLIP_DURATION_S.name)[0])
         final = result.get_response().parameters.get("triton_final_response")
         if final is not None and final.bool_param:
@@ -115,7 +117,7 @@ async def one_story(client, item) -> dict:
     if error is None and clips != set(range(len(clips))):
         error = f"missing clips: got {sorted(clips)}"
     return {"latency_s": time.perf_counter() - start, "ttfc_s": first, "audio_s": audio, "clips": len(clips),
-            "error": error}
+            "last": last, "error": error}
 
 
 def model_stats(url: str) -> dict:

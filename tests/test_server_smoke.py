@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from audiostory_ensemble.triton_server import ROOT_REPO, TritonServer, TritonServerError
+from audiostory_ensemble.triton_server import GRPC_ADMIN_HEADER, ROOT_REPO, TritonServer, TritonServerError
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,27 @@ def test_safe_defaults_loopback_and_no_model_loading_api(smoke_server):
     cmd = smoke_server.command()
     assert {"--grpc-address=127.0.0.1", "--http-address=127.0.0.1", "--metrics-address=127.0.0.1"} <= set(cmd)
     client = grpcclient.InferenceServerClient(smoke_server.grpc_url)
-    with pytest.raises(Exception, match="(?i)explicit model load / unload is not allowed|not allowed"):
+    with pytest.raises(Exception, match="(?i)explicit model load / unload is not allowed|not allowed|restricted"):
         client.load_model("stack_info")
+
+
+def test_apis_that_take_host_paths_need_the_admin_header(smoke_server):
+    """Shared-memory regions, trace files, log settings and model loading name host resources:
+    without the admin header they are refused; inference and metadata stay open."""
+    client = grpcclient.InferenceServerClient(smoke_server.grpc_url)
+    refused = [
+        lambda h: client.register_system_shared_memory("r", "/audiostory_probe", 64, headers=h),
+        lambda h: client.update_trace_settings(settings={"trace_file": "/tmp/x.json"}, headers=h),
+        lambda h: client.update_log_settings({"log_verbose_level": 1}, headers=h),
+        lambda h: client.load_model("stack_info", headers=h),
+        lambda h: client.get_model_repository_index(headers=h),
+    ]
+    for call in refused:
+        with pytest.raises(Exception, match="(?i)restricted|header"):
+            call(None)
+    admin = {GRPC_ADMIN_HEADER: smoke_server.admin_token}
+    assert client.get_log_settings(headers=admin) is not None
+    assert client.is_model_ready("stack_info") and client.get_model_metadata("stack_info").name == "stack_info"
 
 
 def test_bad_repository_is_a_clear_error(tmp_path):

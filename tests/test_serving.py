@@ -93,12 +93,20 @@ def test_guard_kills_engine_processes_when_the_stub_is_killed():
     import sys
     import time
 
+    import os
+
+    shm = f"/dev/shm/audiostory_guard_test_{os.getpid()}"
+    engine = ("import mmap, time\n"
+              f"f = open({shm!r}, 'w+b'); f.truncate(4096); m = mmap.mmap(f.fileno(), 4096)\n"
+              "print('mapped', flush=True); time.sleep(300)\n")
     code = (
-        "import subprocess, threading, time\n"
+        "import subprocess, sys, threading, time\n"
         "from audiostory_ensemble.serving import guard_children\n"
         "procs = []\n"
-        "t = threading.Thread(target=lambda: procs.append(subprocess.Popen(['sleep', '300'])))\n"
+        f"t = threading.Thread(target=lambda: procs.append(subprocess.Popen([sys.executable, '-c', {engine!r}], "
+        "stdout=subprocess.PIPE)))\n"
         "t.start(); t.join()\n"
+        "procs[0].stdout.readline()\n"
         "guard_children()\n"
         "print(procs[0].pid, flush=True)\n"
         "time.sleep(300)\n"
@@ -109,9 +117,10 @@ def test_guard_kills_engine_processes_when_the_stub_is_killed():
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 60
-    while _alive(child) and time.monotonic() < deadline:
+    while (_alive(child) or os.path.exists(shm)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(child)
+    assert not os.path.exists(shm), "the engine's shared memory was left behind"
 
 
 def test_per_key_limiter_serves_in_order_and_forgets_idle_keys():

@@ -42,6 +42,11 @@ class TritonPythonModel:
                 return pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     "cancelled by the client", pb_utils.TritonError.CANCELLED))
             if response.has_error():
+                message = response.error().message()
+                # BLS hands errors back as INTERNAL (2.51): restore the front door's UNAVAILABLE.
+                if message.startswith(control.BUSY):
+                    return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        message, pb_utils.TritonError.UNAVAILABLE))
                 return pb_utils.InferenceResponse(error=response.error())
             audio = pb_utils.get_output_tensor_by_name(response, I.CLIP_AUDIO.name)
             if audio is None:  # the stream's final-flag response

@@ -55,7 +55,7 @@ class TritonPythonModel:
             return self._error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
         if self.active >= self.limits.max_active_stories:
             self.metrics.counter("audiostory_requests_rejected_total", "Requests refused: server at capacity")
-            return self._error(sender, f"server busy: {self.active} stories in progress (max_active_stories = "
+            return self._error(sender, f"{control.BUSY}: {self.active} stories in progress (max_active_stories = "
                                f"{self.limits.max_active_stories}); retry later", pb_utils.TritonError.UNAVAILABLE)
         self.active += 1
         self.metrics.gauge("audiostory_active_stories", "Stories in progress at the front door", self.active)
