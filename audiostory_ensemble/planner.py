@@ -10,8 +10,11 @@ Two ``AsyncLLM`` engines on the converted Qwen2 folder:
   prompt + generated ids. It runs once per finished clip, as soon as the clip's ``</aud>`` is
   appended, while the generate engine goes on with the next clip.
 
-A clip is yielded once its hidden states are ready *and* it is known whether another clip
-follows (the model wrote ``<|gen|>`` again, or stopped).
+A clip is yielded once its hidden states are ready *and* it is known whether it is the last one:
+when the next clip is complete (its ``</aud>`` appended) or the generation ended. Waiting for the
+next *complete* clip (not just its ``<|gen|>``) means a plan cut by the token limit still ends with
+a clip marked last — the reference renders the last complete clip without the crossfade tail, and
+every stream ends on a clip rather than an empty final response.
 
 Against the reference (transformers ``generate`` with the official forcing processors):
 - greedy, ``max_new_tokens`` counting forced tokens too, stops on ``<|im_end|>``/``<|endoftext|>``;
@@ -231,14 +234,7 @@ class Planner:
                 last = None
                 async for out in self.generate_engine.generate({"prompt_token_ids": prompt + gen}, params, sub_id):
                     new = list(out.outputs[0].token_ids)
-                    for t in new:
-                        gen.append(t)
-                        if t == tok.gen_open and pending:
-                            # Another clip follows: release what is complete.
-                            for span, task in pending:
-                                yield await self._clip(span, task, prompt, False, start_s, len(gen))
-                                start_s += story_duration(span.duration)
-                            pending = []
+                    gen.extend(new)
                     last = out
                 if last is None or not gen:
                     raise PlannerError("the generate engine returned no output")
@@ -252,6 +248,11 @@ class Planner:
                     if gen[-1] == tok.aud_close:
                         span = self._span_ending_at(gen, next_index)
                         if span is not None:
+                            # A complete clip follows the pending one: that one is not the last.
+                            for prev, task in pending:
+                                yield await self._clip(prev, task, prompt, False, start_s, len(gen))
+                                start_s += story_duration(prev.duration)
+                            pending = []
                             next_index += 1
                             ids = prompt + gen
                             pool_id = f"{rid}-p{span.index}"

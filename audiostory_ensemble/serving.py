@@ -41,6 +41,7 @@ class Limits:
     min_steps: int = 1
     max_steps: int = 200
     max_active_stories: int = 64       # admission at the front door (audiostory_stream)
+    story_timeout_s: float = 1800.0    # a story still unfinished after this is failed and cancelled
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,27 @@ class PriorityGate:
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+
+_HEARTBEATS: dict[int, asyncio.Task] = {}
+
+
+def ensure_heartbeat(interval: float = 0.05) -> None:
+    """Keep the running event loop waking up every ``interval`` seconds.
+
+    The python backend's stub completes ``async_exec`` futures from its own threads; when every
+    coroutine of a model is awaiting such a future and nothing else happens, the loop can sleep
+    through the completion (measured: at concurrency 16 a few stories in a hundred stalled until
+    some unrelated event woke the loop, and the last ones never finished). A periodic wake-up makes
+    the loop run the callbacks it was handed.
+    """
+    loop = asyncio.get_running_loop()
+    task = _HEARTBEATS.get(id(loop))
+    if task is None or task.done():
+        async def beat():
+            while True:
+                await asyncio.sleep(interval)
+        _HEARTBEATS[id(loop)] = loop.create_task(beat())
 
 
 class PerKeyLimiter:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
+import sys
 import random
 import statistics
 import time
@@ -32,7 +34,7 @@ from audiostory_ensemble import layout
 from audiostory_ensemble.tiny_story import SAMPLE_INSTRUCTIONS
 from client.api import request_arrays
 
-STAT_MODELS = ("llm", "bridge", "dit_sampler", "dit_step", "postprocess", "vae_decoder")
+STAT_MODELS = ("llm", "bridge", "dit_sampler", "dit_step", "vae_decoder")
 
 
 def workload(count: int, seed: int = 1234, num_steps: int = 50):
@@ -240,6 +242,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repository", default=str(layout.BUILD / "model_repository"))
     ap.add_argument("--plot", action="store_true")
     args = ap.parse_args(argv)
+    # SIGTERM (timeout, CI) unwinds like Ctrl-C, so the server this run started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out_dir = layout.BUILD / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     items = workload(args.requests_per_level, num_steps=args.steps)

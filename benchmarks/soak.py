@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
+import sys
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--url", default=None, help="gRPC address of a running server (default: start one)")
     ap.add_argument("--repository", default=str(layout.BUILD / "model_repository"))
     args = ap.parse_args(argv)
+    # SIGTERM (timeout, CI) unwinds like Ctrl-C, so the server this run started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out_dir = layout.BUILD / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     items = workload(args.requests, num_steps=args.steps)
@@ -101,8 +106,19 @@ def main(argv=None) -> int:
                          args.endpoint))                                  # warm-up
         before = (tree_rss_mib(server.process.pid), shm_mib()) if server else (None, None)
         t0 = time.perf_counter()
+        timeline, done = [], threading.Event()
+
+        def sample():   # the tree's memory every 30 s, to tell a plateau from a leak
+            while not done.wait(30):
+                if server.process is not None:
+                    timeline.append((round(time.perf_counter() - t0), round(tree_rss_mib(server.process.pid))))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        if server:
+            sampler.start()
         results = asyncio.run(soak(url, items, args.concurrency, args.endpoint))
         wall = time.perf_counter() - t0
+        done.set()
         after = (tree_rss_mib(server.process.pid), shm_mib()) if server else (None, None)
     finally:
         if server is not None:
@@ -117,6 +133,7 @@ def main(argv=None) -> int:
         "latency_p50_s": pct([r["latency_s"] for r in ok], 50), "latency_p99_s": pct([r["latency_s"] for r in ok], 99),
         "server_rss_mib": {"before": before[0], "after": after[0]},
         "dev_shm_mib": {"before": before[1], "after": after[1]},
+        "server_rss_timeline_mib": timeline if server else None,
     })
     (out_dir / f"soak_{args.model}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

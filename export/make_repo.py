@@ -30,7 +30,7 @@ from audiostory_ensemble.checkpoint import load_converted
 from audiostory_ensemble.serving import Limits
 
 TEMPLATES = layout.PROJECT_ROOT / "model_repository"
-PIPELINE = ("llm", "bridge", "dit_sampler", "dit_step", "vae_decoder", "postprocess", "audiostory",
+PIPELINE = ("llm", "bridge", "dit_sampler", "dit_step", "vae_decoder", "audiostory",
             "audiostory_stream", "audiostory_full")
 ONNX_MODEL_PY = TEMPLATES / "dit_step" / "1" / "model.py"   # shared by dit_step and vae_decoder
 
@@ -39,7 +39,7 @@ PROFILES = {
         "dit_max_batch": 16, "dit_queue_delay_us": 2000, "dit_instances": 1, "dit_threads": 2,
         "vae_max_batch": 4, "vae_queue_delay_us": 2000, "vae_instances": 1, "vae_threads": 2,
         "bridge_instances": 1, "full_instances": 4, "clips_in_flight_per_request": 1,
-        "max_clips_in_flight": 32, "stream_instances": 1,
+        "max_clips_in_flight": 32, "stream_instances": 1, "bls_timeout_s": 30,
         "engine_options": {"dtype": "float32", "max_model_len": 2048, "kv_cache_gib": 1, "enforce_eager": True},
         "limits": {},
     },
@@ -47,7 +47,7 @@ PROFILES = {
         "dit_max_batch": 16, "dit_queue_delay_us": 1000, "dit_instances": 1, "dit_threads": 0,
         "vae_max_batch": 4, "vae_queue_delay_us": 1000, "vae_instances": 1, "vae_threads": 0,
         "bridge_instances": 1, "full_instances": 8, "clips_in_flight_per_request": 2,
-        "max_clips_in_flight": 64, "stream_instances": 1,
+        "max_clips_in_flight": 64, "stream_instances": 1, "bls_timeout_s": 10,
         "engine_options": {"dtype": "bfloat16", "max_model_len": 4096, "generate_gpu_memory_utilization": 0.35,
                            "pooling_gpu_memory_utilization": 0.15, "enforce_eager": False},
         "engines": {"dit_step": None, "vae_decoder": None},   # plan file names, from engines.json
@@ -105,7 +105,7 @@ def fields(profile: str, settings: dict, checkpoint: Path) -> dict:
     }
     for key in ("dit_max_batch", "dit_queue_delay_us", "dit_instances", "vae_max_batch", "vae_queue_delay_us",
                 "vae_instances", "bridge_instances", "full_instances", "clips_in_flight_per_request",
-                "max_clips_in_flight", "stream_instances"):
+                "max_clips_in_flight", "stream_instances", "bls_timeout_s"):
         f[key] = settings[key]
     return f
 

@@ -36,9 +36,10 @@ def test_parity_streamed_story_equals_the_reference(client, reference_result, sa
         assert np.abs(clip.audio - rclip.audio).max() <= 1e-3
 
 
-def test_streaming_one_response_per_clip_with_complete_indices(client, sample_instructions):
+@pytest.mark.parametrize("model", [I.STREAM_MODEL, I.ENSEMBLE])
+def test_streaming_one_response_per_clip_with_complete_indices(server, model, sample_instructions):
     caption, total = sample_instructions[2]
-    clips = list(client.stream(caption, total_duration=total, num_steps=8))
+    clips = list(AudioStoryClient(server.grpc_url, model=model).stream(caption, total_duration=total, num_steps=8))
     indices = sorted(c.index for c in clips)
     assert indices == list(range(len(clips))) and len(clips) >= 2
     assert [c.index for c in clips if c.is_last] == [len(clips) - 1]
@@ -103,10 +104,10 @@ def test_metrics_after_a_request(client, server, sample_instructions):
     caption, total = sample_instructions[1]
     story = client.generate(caption, total_duration=total, num_steps=3, seed=21)
     m = scrape(server)
-    assert m['audiostory_clips_total{model="postprocess"}'] >= len(story.clips)
-    assert m['audiostory_audio_seconds_total{model="postprocess"}'] >= total - 1e-3
-    ttfc_count = m['audiostory_time_to_first_clip_seconds_count{model="postprocess"}']
-    ttfc_sum = m['audiostory_time_to_first_clip_seconds_sum{model="postprocess"}']
+    assert m['audiostory_clips_total{model="dit_sampler"}'] >= len(story.clips)
+    assert m['audiostory_audio_seconds_total{model="dit_sampler"}'] >= total - 1e-3
+    ttfc_count = m['audiostory_time_to_first_clip_seconds_count{model="dit_sampler"}']
+    ttfc_sum = m['audiostory_time_to_first_clip_seconds_sum{model="dit_sampler"}']
     assert ttfc_count >= 1 and 0 < ttfc_sum / ttfc_count < 600
     assert m['audiostory_planner_tokens_total{model="llm"}'] > 0
     steps = m['audiostory_dit_step_rows_total{model="dit_step"}']

@@ -75,11 +75,9 @@ def test_a_dead_stub_fails_requests_by_name_and_the_rest_keeps_serving(server):
     with pytest.raises(AudioStoryError, match="dit_sampler"):
         health_check(server.grpc_url, timeout=120)
     # Other models answer: the DiT step itself, and the front door's validation.
-    step = {"x": np.zeros((1, 645, 64), np.float32), "cond": np.zeros((1, 64, 1024), np.float32)}
-    n = None
     meta = grpcclient.InferenceServerClient(server.grpc_url).get_model_metadata("dit_step")
     n = int(next(i for i in meta.inputs if i.name == "cond").shape[1])
-    step["cond"] = np.zeros((1, n, 1024), np.float32)
+    step = {"x": np.zeros((1, 645, 64), np.float32), "cond": np.zeros((1, n, 1024), np.float32)}
     for name in ("duration", "sigma", "sigma_next", "guidance"):
         step[name] = np.full((1, 1), 0.5, np.float32)
     result = grpcclient.InferenceServerClient(server.grpc_url).infer("dit_step", grpc_inputs(step))

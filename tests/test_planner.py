@@ -77,8 +77,8 @@ def test_first_clip_is_released_before_the_last_clip_is_generated(planner, sampl
     gen = p.summaries["order"].generated_ids
     plan = parse_plan(gen, p.tok, p.tokenizer.decode)
     assert len(clips) >= 2
-    # When clip 0 was released, the last clip's </aud> had not been generated yet.
-    assert clips[0].generated_tokens <= plan.clips[-1].gen_pos + 1 < plan.clips[-1].end_pos
+    # Clip 0 was released as soon as clip 1 was complete, before the plan was finished.
+    assert clips[0].generated_tokens == plan.clips[1].end_pos + 1 < len(gen)
     assert [c.generated_tokens for c in clips] == sorted(c.generated_tokens for c in clips)
 
 
@@ -109,9 +109,9 @@ def test_token_limit_cut_drops_the_incomplete_clip(planner, reference, sample_in
     cut = plan.clips[1].t5_pos + 2            # in the middle of clip 1's <t5> run
     clips = run_plan(planner, PlanRequest(caption, total, max_new_tokens=cut, request_id="cut"))
     assert [c.caption for c in clips] == [plan.clips[0].caption]
-    # Clip 0 was released (is_last=False) as soon as clip 1 began; clip 1 was then cut: the stream
-    # simply ends, and the drop is reported.
-    assert not clips[0].is_last
+    # Clip 1 was cut: clip 0 is the story's last clip (as the reference renders it), and the drop
+    # is reported.
+    assert clips[0].is_last
     summary = p.summaries["cut"]
     assert len(summary.generated_ids) == cut and summary.dropped and "token limit" in summary.dropped[0]
 

@@ -1,15 +1,20 @@
-"""audiostory_stream: the streaming front door — the `audiostory` ensemble behind admission
+"""audiostory_stream: the streaming front door — the pipeline run through BLS, with admission
 control and cancellation.
 
 - Validates with the shared validator (INVALID_ARGUMENT naming the field).
 - Admission: at most `max_active_stories` stories at once; past it a request fails at once with
   UNAVAILABLE (retry later) instead of queueing behind work it would wait minutes for.
-- Calls the ensemble through BLS with a fresh story key as the request id (the ensemble hands it
-  to every step) and forwards each clip as it lands; the stream ends with an empty final response.
-- Cancellation: when the client cancels or disconnects (checked every `poll_s`, also while waiting
-  for a clip), the story key goes to `llm` and `dit_sampler` as a control request
-  (`audiostory_ensemble.control`); the rest of the ensemble's stream is drained and dropped.
-- An error from a stage ends the stream with that error and cancels the story's other clips.
+- Runs the same steps as the `audiostory` ensemble — `llm` (streamed clips) → `bridge` →
+  `dit_sampler` (denoise, decode, the clip's public outputs) — itself, through BLS, and forwards
+  each clip as it lands; the stream ends with an empty final response. (Triton 2.51's ensemble
+  loses the tensors of some responses under concurrent load, and those stories never finish:
+  measured ≈ 5 % of stories at concurrency 16. The ensemble stays for load tests of the steps.)
+- Every story has a key, sent as the request id of its `llm` and `dit_sampler` requests. When the
+  client cancels or disconnects (checked every `poll_s`, also while waiting), the key goes to `llm`
+  and `dit_sampler` as a control request (`audiostory_ensemble.control`): the plan is aborted in
+  vLLM and every clip stops before its next step.
+- An error from a stage ends the stream with that error and cancels the story's other clips; a
+  story unfinished after `story_timeout_s` is failed and cancelled the same way.
 """
 import asyncio
 import concurrent.futures
@@ -22,22 +27,30 @@ from audiostory_ensemble import interface as I
 from audiostory_ensemble.metrics import StageMetrics
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-_END = object()
+PLAN_OUTPUTS = ["_SEM", "_RES", "_META"]
+
+
+class StageError(RuntimeError):
+    pass
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.logger = pb_utils.Logger
         params = json.loads(args["model_config"]).get("parameters", {})
-        self.ensemble = params.get("ensemble", {}).get("string_value", I.ENSEMBLE)
-        self.limits = serving.Limits(**json.loads(params.get("limits", {}).get("string_value", "{}")))
+        param = lambda key, default: params.get(key, {}).get("string_value", default)  # noqa: E731
+        self.llm, self.bridge, self.sampler = param("llm", "llm"), param("bridge", "bridge"), param("sampler", "dit_sampler")
+        self.limits = serving.Limits(**json.loads(param("limits", "{}")))
         self.poll_s = 0.05
         self.active = 0
-        self.pool = concurrent.futures.ThreadPoolExecutor(self.limits.max_active_stories + 2, "story")
+        # Blocking BLS stream iterators run on these threads: one per story (its plan) and one per
+        # clip being rendered.
+        self.pool = concurrent.futures.ThreadPoolExecutor(8 * self.limits.max_active_stories + 8, "story")
         self.metrics = StageMetrics(pb_utils, "audiostory_stream")
         self.metrics.gauge("audiostory_active_stories", "Stories in progress at the front door", 0)
 
     async def execute(self, requests):
+        serving.ensure_heartbeat()
         await asyncio.gather(*(self._one(r) for r in requests))
         return None
 
@@ -60,49 +73,85 @@ class TritonPythonModel:
         self.active += 1
         self.metrics.gauge("audiostory_active_stories", "Stories in progress at the front door", self.active)
         try:
-            await self._stream(sender, [t for t in inputs.values() if t is not None], key)
+            await self._story(sender, [t for t in inputs.values() if t is not None], key)
         finally:
             self.active -= 1
             self.metrics.gauge("audiostory_active_stories", "Stories in progress at the front door", self.active)
 
-    async def _stream(self, sender, inputs, key):
-        loop = asyncio.get_running_loop()
-        responses: asyncio.Queue = asyncio.Queue()
-        bls = pb_utils.InferenceRequest(model_name=self.ensemble, inputs=inputs, request_id=key,
-                                        requested_output_names=[t.name for t in I.CLIP_OUTPUTS])
-
-        def pump():  # the BLS stream iterator blocks: it runs on a worker thread
+    # -- the pipeline ---------------------------------------------------------------------------
+    def _stream_in_thread(self, loop, events, request, tag):
+        """Iterate a decoupled BLS stream on a worker thread, posting (tag, response) events."""
+        def run():
             try:
-                for response in bls.exec(decoupled=True):
-                    loop.call_soon_threadsafe(responses.put_nowait, response)
+                for response in request.exec(decoupled=True):
+                    loop.call_soon_threadsafe(events.put_nowait, (tag, response))
             except Exception as e:  # noqa: BLE001
-                loop.call_soon_threadsafe(responses.put_nowait, e)
-            loop.call_soon_threadsafe(responses.put_nowait, _END)
+                loop.call_soon_threadsafe(events.put_nowait, (tag, StageError(f"{type(e).__name__}: {e}")))
+            loop.call_soon_threadsafe(events.put_nowait, (tag, None))
+        return loop.run_in_executor(self.pool, run)
 
-        drained = loop.run_in_executor(self.pool, pump)
-        stop_reason = None           # None: the stream ended; "cancelled" / "error"
-        while True:
+    async def _clip(self, loop, events, plan_response, key, tag):
+        """bridge (awaited BLS), then dit_sampler (its stream, posted as events under ``tag``)."""
+        try:
+            tensors = [pb_utils.Tensor(n, pb_utils.get_output_tensor_by_name(plan_response, n).as_numpy())
+                       for n in PLAN_OUTPUTS]
+            result = await pb_utils.InferenceRequest(
+                model_name=self.bridge, inputs=tensors, requested_output_names=["_COND", "_META"]).async_exec()
+            if result.has_error():
+                raise StageError(f"{self.bridge}: {result.error().message()}")
+            cond = [pb_utils.Tensor(n, pb_utils.get_output_tensor_by_name(result, n).as_numpy())
+                    for n in ("_COND", "_META")]
+        except Exception as e:  # noqa: BLE001
+            events.put_nowait((tag, e if isinstance(e, StageError) else StageError(f"{type(e).__name__}: {e}")))
+            events.put_nowait((tag, None))
+            return
+        sampler = pb_utils.InferenceRequest(model_name=self.sampler, inputs=cond, request_id=key,
+                                            requested_output_names=[t.name for t in I.CLIP_OUTPUTS])
+        await self._stream_in_thread(loop, events, sampler, tag)
+
+    async def _story(self, sender, inputs, key):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        plan = pb_utils.InferenceRequest(model_name=self.llm, inputs=inputs, request_id=key,
+                                         requested_output_names=PLAN_OUTPUTS)
+        work = [self._stream_in_thread(loop, events, plan, "plan")]
+        open_streams = 1                 # the plan's stream and one per clip
+        clips = 0
+        stop_reason = None               # None: finished; "cancelled" / "error"
+        deadline = loop.time() + self.limits.story_timeout_s
+        while open_streams:
             try:
-                item = await asyncio.wait_for(responses.get(), self.poll_s)
+                tag, item = await asyncio.wait_for(events.get(), self.poll_s)
             except asyncio.TimeoutError:
                 if sender.is_cancelled():
                     stop_reason = "cancelled"
                     break
+                if loop.time() > deadline:
+                    self._error(sender, f"story not finished within story_timeout_s = "
+                                f"{self.limits.story_timeout_s:g} s; cancelled")
+                    self.metrics.counter("audiostory_requests_timed_out_total", "Stories failed by the timeout")
+                    stop_reason = "error"
+                    break
                 continue
-            if item is _END:
-                break
-            if isinstance(item, Exception):
-                self._error(sender, f"{self.ensemble}: {type(item).__name__}: {item}")
+            if item is None:             # a stream ended
+                open_streams -= 1
+                continue
+            error = str(item) if isinstance(item, Exception) else (
+                item.error().message() if item.has_error() else None)
+            if error is not None:
+                stage = self.llm if tag == "plan" else self.sampler
+                self._error(sender, error if error.startswith(stage) or stage in error else f"{stage}: {error}")
                 stop_reason = "error"
                 break
-            if item.has_error():
-                err = item.error()
-                code = getattr(err, "code", lambda: None)()
-                self._error(sender, err.message(), code)
-                stop_reason = "error"
-                break
+            if tag == "plan":
+                if pb_utils.get_output_tensor_by_name(item, "_SEM") is None:
+                    continue             # an empty final response
+                open_streams += 1
+                work.append(loop.create_task(self._clip(loop, events, item, key, f"clip{clips}")))
+                clips += 1
+                continue
             if pb_utils.get_output_tensor_by_name(item, I.CLIP_AUDIO.name) is None:
-                continue             # the ensemble's own final-flag response
+                continue
             if sender.is_cancelled():
                 stop_reason = "cancelled"
                 break
@@ -117,7 +166,11 @@ class TritonPythonModel:
                 self.metrics.counter("audiostory_requests_cancelled_total", "Stories cancelled by their client")
         if stop_reason != "error":
             sender.send(flags=FINAL)
-        await drained                # the ensemble's stream ends once the stages have stopped
+        # The stages' streams end once they have stopped; wait for them (bounded after a cancel).
+        done, pending = await asyncio.wait(work, timeout=60 if stop_reason else None)
+        if pending:
+            self.logger.log_warn(f"audiostory_stream: story {key}: {len(pending)} stage stream(s) still open "
+                                 "60 s after its cancel; its slot is released anyway")
 
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
