@@ -40,6 +40,7 @@ PROFILES = {
         "vae_max_batch": 4, "vae_queue_delay_us": 2000, "vae_instances": 1, "vae_threads": 2,
         "bridge_instances": 1, "full_instances": 4, "clips_in_flight_per_request": 1,
         "max_clips_in_flight": 32, "stream_instances": 1, "bls_timeout_s": 30,
+        "full_max_queue": 16, "full_queue_timeout_s": 120,
         "engine_options": {"dtype": "float32", "max_model_len": 2048, "kv_cache_gib": 1, "enforce_eager": True},
         "limits": {},
     },
@@ -48,6 +49,7 @@ PROFILES = {
         "vae_max_batch": 4, "vae_queue_delay_us": 1000, "vae_instances": 1, "vae_threads": 0,
         "bridge_instances": 1, "full_instances": 8, "clips_in_flight_per_request": 2,
         "max_clips_in_flight": 64, "stream_instances": 1, "bls_timeout_s": 10,
+        "full_max_queue": 64, "full_queue_timeout_s": 60,
         "engine_options": {"dtype": "bfloat16", "max_model_len": 4096, "generate_gpu_memory_utilization": 0.35,
                            "pooling_gpu_memory_utilization": 0.15, "enforce_eager": False},
         "engines": {"dit_step": None, "vae_decoder": None},   # plan file names, from engines.json
@@ -105,8 +107,9 @@ def fields(profile: str, settings: dict, checkpoint: Path) -> dict:
     }
     for key in ("dit_max_batch", "dit_queue_delay_us", "dit_instances", "vae_max_batch", "vae_queue_delay_us",
                 "vae_instances", "bridge_instances", "full_instances", "clips_in_flight_per_request",
-                "max_clips_in_flight", "stream_instances", "bls_timeout_s"):
+                "max_clips_in_flight", "stream_instances", "bls_timeout_s", "full_max_queue"):
         f[key] = settings[key]
+    f["full_queue_timeout_us"] = int(float(settings["full_queue_timeout_s"]) * 1e6)
     return f
 
 

@@ -22,7 +22,8 @@ CAPACITY = 2
 @pytest.fixture(scope="module")
 def server(exported, test_build_dir):
     settings = test_build_dir / "fault_settings.json"
-    settings.write_text(json.dumps({"limits": {"max_active_stories": CAPACITY}}))
+    settings.write_text(json.dumps({"limits": {"max_active_stories": CAPACITY}, "full_instances": 1,
+                                    "full_max_queue": 1}))
     repo = make_repo("cpu", "tiny", test_build_dir / "fault_repository", settings)
     with TritonServer(repo, log_path=test_build_dir / "fault_server.log").start(timeout=600) as s:
         yield s
@@ -52,6 +53,21 @@ def test_past_capacity_requests_fail_fast_with_unavailable(server, sample_instru
     wait_for(lambda: _active(server) == 0, what="the cancelled stories to end")
     story = AudioStoryClient(server.grpc_url).generate("rain", total_duration=5.0, num_steps=2, timeout=120)
     assert story.audio.shape[1] > 0
+
+
+def test_whole_story_requests_past_the_queue_fail_fast(server, sample_instructions):
+    """One `audiostory_full` instance, one queue place: a third concurrent request is refused."""
+    caption, _ = sample_instructions[0]
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    results = []
+    for _ in range(2):   # one runs, one waits in the queue
+        client.async_infer(I.FULL_MODEL, grpc_inputs(request_arrays(caption, total_duration=20.0, num_steps=20)),
+                           callback=lambda result, error: results.append(error), client_timeout=300)
+    wait_for(lambda: _active(server) >= 1, what="the first whole story to start")
+    e = infer_error(server.grpc_url, I.FULL_MODEL, request_arrays("rain", total_duration=5.0, num_steps=2))
+    assert e is not None and e.status() == "StatusCode.UNAVAILABLE" and "queue" in e.message()
+    wait_for(lambda: len(results) == 2, timeout=300, what="the two admitted stories")
+    assert results == [None, None]
 
 
 def _stub_pid(server, model: str) -> int:

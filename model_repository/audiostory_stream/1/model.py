@@ -6,9 +6,9 @@ control and cancellation.
   UNAVAILABLE (retry later) instead of queueing behind work it would wait minutes for.
 - Runs the same steps as the `audiostory` ensemble — `llm` (streamed clips) → `bridge` →
   `dit_sampler` (denoise, decode, the clip's public outputs) — itself, through BLS, and forwards
-  each clip as it lands; the stream ends with an empty final response. (Triton 2.51's ensemble
-  loses the tensors of some responses under concurrent load, and those stories never finish:
-  measured ≈ 5 % of stories at concurrency 16. The ensemble stays for load tests of the steps.)
+  each clip as it lands; the stream ends with an empty final response. (Running the steps here
+  rather than calling the ensemble is what lets a cancel and a story key reach them: Triton 2.51
+  neither passes an ensemble's cancellation on nor lets a BLS caller cancel its request.)
 - Every story has a key, sent as the request id of its `llm` and `dit_sampler` requests. When the
   client cancels or disconnects (checked every `poll_s`, also while waiting), the key goes to `llm`
   and `dit_sampler` as a control request (`audiostory_ensemble.control`): the plan is aborted in

@@ -1,15 +1,9 @@
 """dit_sampler: the flow-matching loop for one clip, one `dit_step` request per step (BLS), then
 the clip's audio: `vae_decoder` (BLS), trim, resample to 32 kHz, and every public output of the clip.
 
-Why the decode lives here and not in a further ensemble step: Triton 2.51's ensemble loses the
-tensors of some responses between two decoupled steps under load (measured: at concurrency 16,
-about 5 % of the clips reached the next decoupled step without their tensors and their stories
-never finished), and it does not keep outputs of different steps paired per response. So the
-last ensemble step emits all public outputs of the clip, and models without a pass-through (a
-TensorRT engine) are called through BLS.
-
-Decoupled with an async execute: every clip in flight is a coroutine awaiting its next step, so
-steps of many clips (and requests) meet in `dit_step`'s dynamic batcher.
+The decode lives here rather than in a further decoupled step: one hop less per clip, and the
+last step emits every public output of the clip together (Triton 2.51's ensemble does not keep
+outputs of different steps paired per decoupled response).
 
 Scheduling, two gates:
 - per request, at most `clips_in_flight_per_request` clips denoise at once, in story order (the

@@ -1,1 +1,0 @@
-"""The web playground: a thin page over a running Triton server (no model code here)."""

@@ -1,5 +1,0 @@
-import sys
-
-from web.app import main
-
-sys.exit(main())
