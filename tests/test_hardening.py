@@ -14,7 +14,7 @@ from audiostory_ensemble.serving import _descendants, _shm_mappings
 from audiostory_ensemble.triton_server import TritonServer
 from client.api import AudioStoryClient, AudioStoryError, health_check, request_arrays
 from export.make_repo import make_repo
-from tests.serverutil import OpenStream, alive, grpc_inputs, infer_error, metric, wait_for
+from tests.serverutil import OpenStream, alive, grpc_inputs, infer_error, metric, scrape, wait_for
 
 CAPACITY = 2
 
@@ -60,12 +60,18 @@ def test_whole_story_requests_past_the_queue_fail_fast(server, sample_instructio
     caption, _ = sample_instructions[0]
     client = grpcclient.InferenceServerClient(server.grpc_url)
     results = []
-    for _ in range(2):   # one runs, one waits in the queue
-        client.async_infer(I.FULL_MODEL, grpc_inputs(request_arrays(caption, total_duration=20.0, num_steps=20)),
+
+    def send():
+        client.async_infer(I.FULL_MODEL, grpc_inputs(request_arrays(caption, total_duration=20.0, num_steps=40)),
                            callback=lambda result, error: results.append(error), client_timeout=300)
+
+    send()                                   # runs ...
     wait_for(lambda: _active(server) >= 1, what="the first whole story to start")
+    send()                                   # ... waits in the queue ...
+    wait_for(lambda: scrape(server).get('nv_inference_pending_request_count{model="audiostory_full",version="1"}',
+                                        0) >= 1, what="the second story to be queued")
     e = infer_error(server.grpc_url, I.FULL_MODEL, request_arrays("rain", total_duration=5.0, num_steps=2))
-    assert e is not None and e.status() == "StatusCode.UNAVAILABLE" and "queue" in e.message()
+    assert e is not None and e.status() == "StatusCode.UNAVAILABLE" and "queue" in e.message()   # ... refused
     wait_for(lambda: len(results) == 2, timeout=300, what="the two admitted stories")
     assert results == [None, None]
 
