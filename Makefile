@@ -9,7 +9,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all tiny convert export engines repo serve demo bench soak perf clean
+.PHONY: help setup test test-all tiny convert export engines repo serve demo web bench soak perf clean
 
 help:
 	@echo "make setup       install the venv, Triton 2.51 and perf_analyzer (idempotent)"
@@ -22,6 +22,7 @@ help:
 	@echo "make repo        PROFILE=cpu|gpu MODEL=...: fill the model repository (build/model_repository)"
 	@echo "make serve       start Triton on build/model_repository (loopback; ADDRESS/..._PORT to change)"
 	@echo "make bench       baseline + concurrency sweep + plot (starts its own server; build/bench/)"
+	@echo "make web         the web playground on 127.0.0.1:7860 for a running server (URL=host:grpc-port)"
 	@echo "make soak        1,000 short stories at concurrency 16: lost/duplicated clips, errors, memory"
 	@echo "make perf        perf_analyzer sweep against a running server (URL=host:port)"
 	@echo "make clean       remove build outputs (keeps the venv and the server)"
@@ -59,6 +60,9 @@ bench: repo
 	$(PY) -m benchmarks.loadgen --model $(MODEL) --plot $(BENCH_ARGS)
 
 URL ?= 127.0.0.1:8001
+web:
+	build/web-venv/bin/python -m web --triton-url $(or $(URL),127.0.0.1:8001) --host $(or $(WEB_ADDRESS),127.0.0.1) --port $(or $(WEB_PORT),7860)
+
 soak: repo
 	$(PY) -m benchmarks.soak $(SOAK_ARGS)
 

@@ -20,10 +20,10 @@ mkdir -p "$BUILD"
 log() { printf '[setup] %s\n' "$*"; }
 stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
 
-# 1. Debian packages the server and perf_analyzer link against. --no-upgrade keeps apt from
-#    replacing the system Python packages.
+# 1. Debian packages the server and perf_analyzer link against, and the headless browser the web
+#    playground's test drives. --no-upgrade keeps apt from replacing the system Python packages.
 apt_needed=()
-for pkg in libb64-0d libpython3.11; do
+for pkg in libb64-0d libpython3.11 chromium chromium-driver; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || apt_needed+=("$pkg")
 done
 if [ ${#apt_needed[@]} -gt 0 ]; then
@@ -89,5 +89,22 @@ export LD_LIBRARY_PATH="\$cudart\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 exec "$PERF_VENV/bin/perf_analyzer" "\$@"
 EOF
 chmod +x "$BUILD/bin/perf_analyzer"
+
+# 5. The web playground (gradio, selenium) in its own venv layered over the project venv, so its
+#    pins (pillow, pandas) never touch the serving stack's.
+WEB_VENV="$BUILD/web-venv"
+web_hash=$(cat requirements-web.lock "$VENV/.setup-stamp" | sha256sum | cut -c1-16)
+if ! stamp_ok "$WEB_VENV/.setup-stamp" "$web_hash"; then
+  log "web venv: requirements-web.lock"
+  rm -rf "$WEB_VENV"
+  "$PY" -m venv "$WEB_VENV"
+  web_sp=$("$WEB_VENV/bin/python" -c "import site; print(site.getsitepackages()[0])")
+  main_sp=$("$VENV/bin/python" -c "import site; print(site.getsitepackages()[0])")
+  printf '%s\n%s\n' "$main_sp" "$ROOT" > "$web_sp/audiostory_project.pth"
+  "$WEB_VENV/bin/pip" install -q --no-deps -r requirements-web.lock
+  "$WEB_VENV/bin/python" -c "import gradio, selenium, client.api" \
+    || { echo "setup: the web venv does not import its key packages" >&2; exit 1; }
+  echo "$web_hash" > "$WEB_VENV/.setup-stamp"
+fi
 
 log "done: venv $(du -sh "$VENV" | cut -f1), tritonserver $(du -sh "$TRITON_DIR" | cut -f1)"

@@ -1,5 +1,6 @@
 """The main job: the filled repository on a real tritonserver (loopback), tiny checkpoint."""
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +274,31 @@ def test_a_cancel_during_planning_aborts_the_plan(server, sample_instructions):
     # Either the plan was still being written (aborted in vLLM) or its clips were dropped at the sampler.
     assert plans() > plans0 or metric(server, "audiostory_clips_cancelled_total", "dit_sampler") > dropped0
     assert settled(lambda: metric(server, ROWS, "dit_step")) - rows0 < 200
+
+
+# ---- the web playground, driven in headless Chromium ------------------------------------------------
+
+WEB_PYTHON = Path(__file__).resolve().parent.parent / "build" / "web-venv" / "bin" / "python"
+
+
+def test_web_playground_shows_the_plan_and_a_playable_story(server, client, sample_instructions, test_build_dir):
+    """The page (a client of this server) streams the story; it shows one player per clip with its
+    caption, a story player of the story's length, and a download of exactly the story's samples."""
+    import json
+    import subprocess
+
+    caption, total = sample_instructions[1]
+    expected = client.generate(caption, total_duration=total, num_steps=4)
+    shot = test_build_dir / "web_playground.png"
+    proc = subprocess.run([str(WEB_PYTHON), "tests/web_driver.py", "--triton-url", server.grpc_url,
+                           "--instruction", caption, "--total", str(total), "--steps", "4", "--screenshot", str(shot)],
+                          cwd=WEB_PYTHON.parents[3], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    page = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert page["status"].startswith(f"done: {len(expected.clips)} clips"), page
+    assert page["captions"] == [f"clip {c.index}: {c.caption}" for c in expected.clips]
+    assert page["story_audio_elements"] >= 1
+    seconds = expected.audio.shape[1] / expected.sample_rate
+    assert f"0:{round(seconds):02d}" in page["story_times"], page["story_times"]
+    assert page["wav_samples"] == expected.audio.shape[1]
+    assert shot.is_file()

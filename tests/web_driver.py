@@ -1,0 +1,116 @@
+"""Drive the web playground in headless Chromium (run with the web venv's python).
+
+    python tests/web_driver.py --triton-url HOST:PORT --instruction "..." --total 20 --steps 4 \
+        --screenshot build/tests/web_playground.png
+
+Starts `python -m web` on a free loopback port, submits the form, waits for the story, and prints
+one JSON line: status text, the captions shown in the clip players, the story player's length
+label, and the downloaded WAV's length in samples.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from audiostory_ensemble.triton_server import free_port  # noqa: E402
+
+
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary = shutil.which("chromium") or "/usr/bin/chromium"
+    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,2400"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--triton-url", required=True)
+    ap.add_argument("--instruction", required=True)
+    ap.add_argument("--total", type=float, required=True)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--screenshot", required=True)
+    ap.add_argument("--timeout", type=float, default=300)
+    args = ap.parse_args()
+    from selenium.webdriver.common.by import By
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    page = subprocess.Popen([sys.executable, "-m", "web", "--triton-url", args.triton_url, "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    d = None
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or page.poll() is not None:
+                    raise RuntimeError("the web page did not come up")
+                time.sleep(0.3)
+        d = browser()
+        d.get(url)
+        deadline = time.monotonic() + 60
+        while not d.find_elements(By.CSS_SELECTOR, "#instruction textarea"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the form did not render")
+            time.sleep(0.2)
+        d.find_element(By.CSS_SELECTOR, "#instruction textarea").send_keys(args.instruction)
+        for eid, value in (("total", args.total), ("steps", args.steps)):
+            box = d.find_element(By.CSS_SELECTOR, f"#{eid} input")
+            box.clear()
+            box.send_keys(str(value))
+        d.find_element(By.CSS_SELECTOR, "#generate").click()
+        deadline = time.monotonic() + args.timeout
+        status = ""
+        while time.monotonic() < deadline:
+            status = d.find_element(By.CSS_SELECTOR, "#status").text
+            if status.startswith("done") or "rror" in status or d.find_elements(By.CSS_SELECTOR, ".toast-body"):
+                break
+            time.sleep(0.5)
+        time.sleep(1.0)   # let the players render their lengths
+        captions = [el.text for el in d.find_elements(By.CSS_SELECTOR, "[id^=clip-] label")
+                    if el.is_displayed() and el.text.startswith("clip ")]
+        times = [el.text for el in d.find_elements(By.CSS_SELECTOR, "#story time")]
+        audio_elements = len(d.find_elements(By.CSS_SELECTOR, "#story audio"))
+        link = d.find_elements(By.CSS_SELECTOR, "#download a")
+        wav_samples = None
+        if link:
+            import io
+
+            import soundfile as sf
+            data = urllib.request.urlopen(link[0].get_attribute("href"), timeout=30).read()
+            wav_samples = sf.info(io.BytesIO(data)).frames
+        Path(args.screenshot).parent.mkdir(parents=True, exist_ok=True)
+        d.save_screenshot(args.screenshot)
+        print(json.dumps({"status": status, "captions": captions, "story_times": times,
+                          "story_audio_elements": audio_elements, "wav_samples": wav_samples}))
+        return 0
+    finally:
+        if d is not None:
+            d.quit()
+        page.terminate()
+        try:
+            page.wait(20)
+        except subprocess.TimeoutExpired:
+            page.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

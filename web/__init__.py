@@ -1,0 +1,1 @@
+"""The web playground: a thin page over a running Triton server (no model code here)."""
