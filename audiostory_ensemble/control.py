@@ -1,10 +1,10 @@
 """Cancelling a story across the pipeline's processes.
 
 Triton 2.51 neither passes an ensemble's cancellation to its composing models nor lets a BLS
-caller cancel the request it sent. So the front door (``audiostory_stream`` and
-``audiostory_full``) gives every story a key — the request id it sends the ``audiostory``
-ensemble, which the ensemble hands to each step — and, when its own client cancels or disconnects,
-sends a control request carrying that key to the stages that hold long work:
+caller cancel the request it sent. So the front door (``audiostory_stream``, which
+``audiostory_full`` calls with its own key) gives every story a key — the request id of the
+story's ``llm`` and ``dit_sampler`` requests — and, when its client cancels or disconnects, sends a
+control request carrying that key to the stages that hold long work:
 
 - ``llm``: cancels the plan's coroutine, which aborts its vLLM requests (generate and pooling);
 - ``dit_sampler``: remembers the key; every clip of the story stops before its next step and
@@ -34,6 +34,12 @@ def new_key() -> str:
 
 def valid_key(key: str) -> bool:
     return bool(_KEY.match(key))
+
+
+def read_key(arr) -> str:
+    """The key in a BYTES [1] control tensor (as numpy), as text."""
+    key = np.asarray(arr).reshape(-1)[0]
+    return key.decode("utf-8", "replace") if isinstance(key, (bytes, np.bytes_)) else str(key)
 
 
 def _requests(pb_utils, key: str, targets=CANCEL_TARGETS):

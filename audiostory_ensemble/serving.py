@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import math
 import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -196,8 +198,6 @@ class CancelRegistry:
     still be on their way between stages when the cancel arrives)."""
 
     def __init__(self, ttl: float = 600.0, clock: Callable[[], float] | None = None):
-        import time
-
         self.ttl = ttl
         self._clock = clock or time.monotonic
         self._keys: dict[str, float] = {}
@@ -235,8 +235,6 @@ class PriorityGate:
 
     @contextlib.asynccontextmanager
     async def slot(self, priority=0):
-        import heapq
-
         if self.held < self.capacity and not self._waiters:
             self.held += 1
         else:
@@ -259,8 +257,6 @@ class PriorityGate:
             self._release()
 
     def _release(self) -> None:
-        import heapq
-
         while self._waiters:
             _, _, fut = heapq.heappop(self._waiters)
             if not fut.done():
@@ -372,7 +368,8 @@ def _shm_mappings(pids: list[int]) -> list[str]:
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-                path = line.split(maxsplit=5)[5] if len(line.split(maxsplit=5)) == 6 else ""
+                fields = line.split(maxsplit=5)
+                path = fields[5] if len(fields) == 6 else ""
                 if path.startswith("/dev/shm/") and not path.endswith("(deleted)"):
                     out.add(path)
         except OSError:

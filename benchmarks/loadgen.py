@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
-import sys
 import random
+import signal
 import statistics
+import sys
 import time
 import uuid
 from pathlib import Path

@@ -47,7 +47,7 @@ class TritonPythonModel:
         # clip being rendered.
         self.pool = concurrent.futures.ThreadPoolExecutor(8 * self.limits.max_active_stories + 8, "story")
         self.metrics = StageMetrics(pb_utils, "audiostory_stream")
-        self.metrics.gauge("audiostory_active_stories", "Stories in progress at the front door", 0)
+        self._set_active(0)
 
     async def execute(self, requests):
         serving.ensure_heartbeat()
@@ -70,13 +70,15 @@ class TritonPythonModel:
             self.metrics.counter("audiostory_requests_rejected_total", "Requests refused: server at capacity")
             return self._error(sender, f"{control.BUSY}: {self.active} stories in progress (max_active_stories = "
                                f"{self.limits.max_active_stories}); retry later", pb_utils.TritonError.UNAVAILABLE)
-        self.active += 1
-        self.metrics.gauge("audiostory_active_stories", "Stories in progress at the front door", self.active)
+        self._set_active(self.active + 1)
         try:
             await self._story(sender, [t for t in inputs.values() if t is not None], key)
         finally:
-            self.active -= 1
-            self.metrics.gauge("audiostory_active_stories", "Stories in progress at the front door", self.active)
+            self._set_active(self.active - 1)
+
+    def _set_active(self, count):
+        self.active = count
+        self.metrics.gauge("audiostory_active_stories", "Stories in progress at the front door", count)
 
     # -- the pipeline ---------------------------------------------------------------------------
     def _stream_in_thread(self, loop, events, request, tag):
@@ -140,7 +142,7 @@ class TritonPythonModel:
                 item.error().message() if item.has_error() else None)
             if error is not None:
                 stage = self.llm if tag == "plan" else self.sampler
-                self._error(sender, error if error.startswith(stage) or stage in error else f"{stage}: {error}")
+                self._error(sender, error if stage in error else f"{stage}: {error}")
                 stop_reason = "error"
                 break
             if tag == "plan":
@@ -181,8 +183,7 @@ def _story_key(request) -> str:
     t = pb_utils.get_input_tensor_by_name(request, control.STORY_KEY_INPUT)
     if t is None:
         return control.new_key()
-    key = t.as_numpy().reshape(-1)[0]
-    key = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+    key = control.read_key(t.as_numpy())
     if not control.valid_key(key):
         raise serving.RequestError(f"{control.STORY_KEY_INPUT} must be 32 lowercase hex digits")
     return key

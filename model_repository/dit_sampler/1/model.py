@@ -61,8 +61,7 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         cancel_t = pb_utils.get_input_tensor_by_name(request, control.CANCEL_INPUT)
         if cancel_t is not None:
-            key = cancel_t.as_numpy().reshape(-1)[0].decode("utf-8", "replace")
-            self.cancelled.cancel(key)
+            self.cancelled.cancel(control.read_key(cancel_t.as_numpy()))
             self.metrics.counter("audiostory_cancel_requests_total", "Control requests that cancelled a story")
             sender.send(flags=FINAL)
             return
@@ -86,8 +85,9 @@ class TritonPythonModel:
             self.logger.log_error(f"dit_sampler: {type(e).__name__}: {e}")
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
 
-    async def _bls(self, model, inputs, outputs):
-        """One BLS request, re-sent if no answer came within `bls_timeout_s`.
+    async def _bls(self, model, inputs, output):
+        """One BLS request for one output (numpy); re-sent if no answer came within `bls_timeout_s`,
+        an error answer raises.
 
         A safety net behind :func:`serving.ensure_heartbeat` (which fixed the stalls the soak
         benchmark found; with it no retry was needed in 1,300 stories). The DiT step and the VAE
@@ -95,13 +95,17 @@ class TritonPythonModel:
         ``audiostory_bls_retries_total``.
         """
         for attempt in range(self.bls_attempts):
-            request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
+            request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=[output])
             try:
-                return await asyncio.wait_for(request.async_exec(), self.bls_timeout_s)
+                result = await asyncio.wait_for(request.async_exec(), self.bls_timeout_s)
             except asyncio.TimeoutError:
                 self.metrics.counter("audiostory_bls_retries_total", "BLS requests re-sent after no answer")
                 self.logger.log_warn(f"dit_sampler: no answer from {model} within {self.bls_timeout_s:g} s "
                                      f"(attempt {attempt + 1} of {self.bls_attempts})")
+                continue
+            if result.has_error():
+                raise RuntimeError(f"{model}: {result.error().message()}")
+            return pb_utils.get_output_tensor_by_name(result, output).as_numpy()
         raise RuntimeError(f"{model}: no answer within {self.bls_timeout_s:g} s, {self.bls_attempts} attempts")
 
     def _stopped(self, sender, meta, steps_done):
@@ -126,17 +130,11 @@ class TritonPythonModel:
             inputs = [pb_utils.Tensor("x", x), pb_utils.Tensor("cond", cond),
                       pb_utils.Tensor("duration", duration), pb_utils.Tensor("sigma", row(sigmas[i])),
                       pb_utils.Tensor("sigma_next", row(sigmas[i + 1])), pb_utils.Tensor("guidance", guidance)]
-            result = await self._bls(self.step_model, inputs, ["x_next"])
-            if result.has_error():
-                raise RuntimeError(f"{self.step_model}: {result.error().message()}")
-            x = pb_utils.get_output_tensor_by_name(result, "x_next").as_numpy()
+            x = await self._bls(self.step_model, inputs, "x_next")
         return x
 
     async def _decode_and_send(self, sender, x, meta):
-        result = await self._bls(self.vae_model, [pb_utils.Tensor("latent", x)], ["wave"])
-        if result.has_error():
-            raise RuntimeError(f"{self.vae_model}: {result.error().message()}")
-        wave = pb_utils.get_output_tensor_by_name(result, "wave").as_numpy()[0]
+        wave = (await self._bls(self.vae_model, [pb_utils.Tensor("latent", x)], "wave"))[0]
         audio = await asyncio.to_thread(
             lambda: post.resample(post.trim(wave, meta.render_s), VAE_SAMPLE_RATE, OUTPUT_SAMPLE_RATE))
         sender.send(pb_utils.InferenceResponse([

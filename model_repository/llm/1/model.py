@@ -55,7 +55,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             cancel = pb_utils.get_input_tensor_by_name(request, control.CANCEL_INPUT)
             if cancel is not None:
-                self._cancel(cancel.as_numpy().reshape(-1)[0].decode("utf-8", "replace"))
+                self._cancel(control.read_key(cancel.as_numpy()))
                 sender.send(flags=FINAL)
                 continue
             try:
