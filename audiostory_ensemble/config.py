@@ -36,6 +36,12 @@ MAX_NEW_TOKENS = 1600
 DURATION_POLICIES = ("model", "exact")
 DEFAULT_DURATION_POLICY = "model"
 
+# Audio continuation: the input is heard by a Whisper encoder (16 kHz mono log-mel, 100 frames/s,
+# at most one 30 s window) and pooled to ``audio_tokens`` rows spliced into the LLM's prompt.
+AUDIO_INPUT_SAMPLE_RATE = 16000
+MAX_INPUT_AUDIO_S = 30.0
+MIN_INPUT_AUDIO_S = 0.1
+
 
 @dataclass(frozen=True)
 class LLMConfig:
@@ -122,6 +128,7 @@ class ModelConfig:
     num_aud_tokens: int = 8          # M residual bridging queries per clip
     t5_feature_scale: float = 10.0
     bridge_heads: int = 8
+    audio_tokens: int = 0            # resampler rows per input audio; 0 = no audio encoder (text only)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,6 +145,7 @@ class ModelConfig:
             vae=VAEConfig(**vae),
             t5=T5EncoderSize(**d["t5"]),
             **{k: d[k] for k in ("num_t5_tokens", "num_aud_tokens", "t5_feature_scale", "bridge_heads")},
+            audio_tokens=int(d.get("audio_tokens", 0)),
         )
 
     def save(self, path: str | Path) -> None:
@@ -166,6 +174,7 @@ TINY = ModelConfig(
     num_t5_tokens=8,
     num_aud_tokens=4,
     bridge_heads=8,
+    audio_tokens=8,
 )
 
 CONFIGS = {"full": FULL, "tiny": TINY}

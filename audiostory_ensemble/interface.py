@@ -36,7 +36,8 @@ class Tensor:
 
 
 # ---- request inputs (`audiostory_stream`, the ensemble `audiostory`, `audiostory_full`) ---------------------------
-INSTRUCTION = Tensor("INSTRUCTION", "BYTES", (1,), "what the story is about (UTF-8 text)")
+INSTRUCTION = Tensor("INSTRUCTION", "BYTES", (1,), "what the story is about (UTF-8 text); required "
+                     "unless SEGMENTS or INPUT_AUDIO is given", "", True)
 TOTAL_DURATION = Tensor("TOTAL_DURATION", "FP32", (1,), "requested story length in seconds",
                         DEFAULT_TOTAL_DURATION_S, True)
 GUIDANCE_SCALE = Tensor("GUIDANCE_SCALE", "FP32", (1,), "classifier-free guidance scale",
@@ -48,7 +49,14 @@ DURATION_POLICY = Tensor("DURATION_POLICY", "BYTES", (1,),
                          "clip durations: model (as the LLM wrote them, the reference) or exact "
                          "(scaled to TOTAL_DURATION; clips are released once the plan is complete)",
                          DEFAULT_DURATION_POLICY, True)
-REQUEST_INPUTS = (INSTRUCTION, TOTAL_DURATION, GUIDANCE_SCALE, SEED, NUM_STEPS, DURATION_POLICY)
+SEGMENTS = Tensor("SEGMENTS", "BYTES", (1,), 'script mode: JSON list of {"start": s, "end": s, '
+                  '"caption": "..."}; the plan is forced to it and the output is timeline-exact', "", True)
+INPUT_AUDIO = Tensor("INPUT_AUDIO", "FP32", (-1, -1), "continuation: the audio to continue, [channels, "
+                     "samples], at most 30 s", None, True)
+INPUT_SAMPLE_RATE = Tensor("INPUT_SAMPLE_RATE", "INT32", (1,), "continuation: INPUT_AUDIO's sample rate "
+                           "(required with it)", None, True)
+REQUEST_INPUTS = (INSTRUCTION, TOTAL_DURATION, GUIDANCE_SCALE, SEED, NUM_STEPS, DURATION_POLICY, SEGMENTS,
+                  INPUT_AUDIO, INPUT_SAMPLE_RATE)
 
 # ---- streamed outputs: one response per clip (`audiostory`) -------------------------------------
 CLIP_AUDIO = Tensor("CLIP_AUDIO", "FP32", (2, -1), f"the clip, stereo, {OUTPUT_SAMPLE_RATE} Hz, "
@@ -58,14 +66,17 @@ CAPTION = Tensor("CAPTION", "BYTES", (1,), "the clip's caption as the LLM wrote 
 CLIP_START_S = Tensor("CLIP_START_S", "FP32", (1,), "where the clip starts in the story, seconds")
 CLIP_DURATION_S = Tensor("CLIP_DURATION_S", "FP32", (1,), "the clip's duration in the story, seconds")
 IS_LAST = Tensor("IS_LAST", "BOOL", (1,), "true on the story's last clip")
-CLIP_OUTPUTS = (CLIP_AUDIO, CLIP_INDEX, CAPTION, CLIP_START_S, CLIP_DURATION_S, IS_LAST)
+CLIP_PLAN = Tensor("PLAN", "BYTES", (1,), "JSON: the clip's plan entry (index, caption, start, duration, "
+                   "render, fade_in, fade_out, timeline); how to place it in the story")
+CLIP_OUTPUTS = (CLIP_AUDIO, CLIP_INDEX, CAPTION, CLIP_START_S, CLIP_DURATION_S, IS_LAST, CLIP_PLAN)
 
 # ---- whole-story outputs (`audiostory_full`) ---------------------------------------------------
 AUDIO = Tensor("AUDIO", "FP32", (2, -1), f"the crossfaded story, stereo, {OUTPUT_SAMPLE_RATE} Hz")
 CAPTIONS = Tensor("CAPTIONS", "BYTES", (-1,), "clip captions in story order")
 CLIP_STARTS_S = Tensor("CLIP_STARTS_S", "FP32", (-1,), "clip start times, seconds")
 CLIP_DURATIONS_S = Tensor("CLIP_DURATIONS_S", "FP32", (-1,), "clip durations, seconds")
-FULL_OUTPUTS = (AUDIO, CAPTIONS, CLIP_STARTS_S, CLIP_DURATIONS_S)
+PLAN = Tensor("PLAN", "BYTES", (1,), "JSON: the mode, the story length and every clip's plan entry")
+FULL_OUTPUTS = (AUDIO, CAPTIONS, CLIP_STARTS_S, CLIP_DURATIONS_S, PLAN)
 
 SAMPLE_RATE = OUTPUT_SAMPLE_RATE
 ENSEMBLE = "audiostory"               # the streaming ensemble (perf runs; no admission, no cancel)
@@ -80,7 +91,10 @@ def markdown_tables() -> str:
         for t in tensors:
             dims = "[" + ", ".join("T" if d == -1 and i else ("K" if d == -1 else str(d))
                                    for i, d in enumerate(t.dims)) + "]"
-            default = ("required" if not t.optional else f"`{t.default}`") if with_default else ""
+            if t.dims == (-1, -1):
+                dims = "[C, T]"
+            default = ("required" if not t.optional else
+                       ("none" if t.default in (None, "") else f"`{t.default}`")) if with_default else ""
             out.append(f"| `{t.name}` | {t.dtype} | {dims} | " + (f"{default} | " if with_default else "")
                        + f"{t.description} |")
         return out

@@ -9,6 +9,10 @@ Official release (the tiny checkpoint maker writes the same layout)::
     <release>/Flux_detokenizer/config.json   the DiT config (TangoFlux keys)
     <release>/Flux_detokenizer/model.safetensors   the Oobleck VAE (weight-normed)
     <release>/Flux_detokenizer/vae_config.json     only for a non-default VAE (tiny)
+    <release>/whisper_encoder/              only with audio understanding (not in the official
+                                             text-to-audio release; the tiny release has one): a
+                                             transformers Whisper encoder (config.json,
+                                             model.safetensors, preprocessor_config.json)
     <release>/<base LLM folder>/             Qwen2.5 base: config.json, tokenizer files,
                                              generation_config.json (named in config.yaml)
 
@@ -22,6 +26,8 @@ Converted (``export/convert_checkpoint.py`` writes, every later stage reads)::
     <converted>/uncond_tokens.safetensors    {"uncond_tokens": [N, 1024]}: T5("") padded to N
     <converted>/vae.safetensors              AutoencoderOobleck state dict (weight norm kept)
     <converted>/vae_config.json              AutoencoderOobleck config
+    <converted>/audio_encoder/               the Whisper encoder folder (only with audio understanding)
+    <converted>/audio_resampler.safetensors  Linear . GELU . Linear after the time pooling (idem)
     <converted>/manifest.json                source hashes and the versions that wrote it
 """
 
@@ -38,6 +44,7 @@ DIT_PREFIX = "tangoflux.transformer."               # diffusers FluxTransformer2
 FC_PREFIX = "tangoflux.fc."                         # Sequential(Linear(1024,1024), ReLU)
 DURATION_PREFIX = "tangoflux.duration_emebdder."    # (sic) time_positional_embedding.{0.weights,1.*}
 T5_PREFIX = "tangoflux.text_encoder."               # transformers T5EncoderModel
+AUDIO_RESAMPLER_PREFIX = "seedx.whisper_resampler_llava."   # avg pool (no weights) . aud_projector.{0,2}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SAVED_NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
 
@@ -48,6 +55,7 @@ RELEASE_ADDED_TOKENS = "tokenizer/added_tokens.json"
 RELEASE_DIT_CONFIG = "Flux_detokenizer/config.json"
 RELEASE_VAE_WEIGHTS = "Flux_detokenizer/model.safetensors"
 RELEASE_VAE_CONFIG = "Flux_detokenizer/vae_config.json"
+RELEASE_WHISPER_DIR = "whisper_encoder"
 
 # ---- converted files -------------------------------------------------------------------------
 MODEL_CONFIG = "model_config.json"
@@ -57,6 +65,8 @@ DIT_WEIGHTS = "dit.safetensors"
 UNCOND_WEIGHTS = "uncond_tokens.safetensors"
 VAE_WEIGHTS = "vae.safetensors"
 VAE_CONFIG = "vae_config.json"
+AUDIO_ENCODER_DIR = "audio_encoder"
+AUDIO_RESAMPLER_WEIGHTS = "audio_resampler.safetensors"
 MANIFEST = "manifest.json"
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -41,8 +41,11 @@ import numpy as np
 from .checkpoint import Converted, load_converted
 from .config import (DEFAULT_DURATION_POLICY, DEFAULT_SEED, DEFAULT_TOTAL_DURATION_S, DURATION_POLICIES,
                      MAX_DURATION_S, MAX_NEW_TOKENS)
+from . import script as script_mod
+from .audio_input import audio_block, continuation_instruction
 from .grammar import (ClipSpan, NoClipError, PlanError, TokenIds, build_instruction, build_prompt,
-                      parse_clip_at)
+                      parse_clip_at, parse_plan)
+from .script import ScriptClip
 
 class PlannerError(RuntimeError):
     """The planner could not produce a plan (engine failure, or unusable model output)."""
@@ -83,6 +86,17 @@ class PlanRequest:
     duration_policy: str = DEFAULT_DURATION_POLICY
     max_new_tokens: int = MAX_NEW_TOKENS
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    script: list[ScriptClip] | None = None      # script mode: the forced plan (no generation)
+    audio_rows: np.ndarray | None = None        # continuation: the resampler's rows [audio_tokens, H]
+
+    @classmethod
+    def from_params(cls, params, audio_rows: np.ndarray | None = None, **kw) -> "PlanRequest":
+        """From validated request params (``serving.RequestParams``): the instruction per mode."""
+        if params.segments:
+            return cls(params.instruction, params.total_duration, params.seed, params.duration_policy,
+                       script=script_mod.plan_clips(params.segments), **kw)
+        return cls(params.instruction, params.total_duration, params.seed, params.duration_policy,
+                   audio_rows=audio_rows, **kw)
 
 
 @dataclass
@@ -96,6 +110,7 @@ class PlannedClip:
     sem: np.ndarray               # [N, H] float32 hidden states at the <t5_i> positions
     res: np.ndarray               # [M, H] float32 hidden states at the <aud_i> positions
     generated_tokens: int = 0     # tokens generated for the request when this clip was released
+    script: ScriptClip | None = None   # script mode: the clip's place on the timeline
 
 
 @dataclass
@@ -140,6 +155,7 @@ class Planner:
             enforce_eager=o.enforce_eager, seed=o.seed, max_num_seqs=o.max_num_seqs,
             gpu_memory_utilization=(o.pooling_gpu_memory_utilization if pooling else o.generate_gpu_memory_utilization),
             disable_log_stats=True, generation_config="vllm",
+            enable_prompt_embeds=self.hears_audio,
         )
         if pooling:
             from vllm.config import PoolerConfig
@@ -167,15 +183,57 @@ class Planner:
                 pass
 
     # -- helpers ----------------------------------------------------------------------------------
+    @property
+    def hears_audio(self) -> bool:
+        """The checkpoint has the audio-understanding path (Whisper encoder + resampler)."""
+        return self.converted.config.audio_tokens > 0
+
+    def instruction(self, request: PlanRequest) -> str:
+        if request.script is not None and not request.instruction.strip():
+            caption = script_mod.default_instruction([c.caption for c in request.script])
+            return build_instruction(caption, request.total_duration, request.seed)
+        if request.audio_rows is not None:
+            return continuation_instruction(request.instruction, request.total_duration)
+        return build_instruction(request.instruction, request.total_duration, request.seed)
+
     def prompt_ids(self, request: PlanRequest) -> list[int]:
-        text = build_prompt(build_instruction(request.instruction, request.total_duration, request.seed))
+        head = audio_block(self.converted.config.audio_tokens) if request.audio_rows is not None else ""
+        text = build_prompt(head + self.instruction(request))
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    async def _hidden_states(self, ids: list[int], request_id: str) -> np.ndarray:
+    def audio_positions(self, prompt: list[int]) -> int:
+        """Where the audio rows go: the first ``<aud_i>`` of the prompt's placeholder block."""
+        return prompt.index(self.tok.aud_run[0])
+
+    @property
+    def embedding_table(self):
+        if getattr(self, "_embeddings", None) is None:
+            from safetensors import safe_open
+            with safe_open(str(self.converted.llm_dir / "model.safetensors"), "pt") as f:
+                self._embeddings = f.get_tensor("model.embed_tokens.weight").float()
+        return self._embeddings
+
+    def prompt_embeds(self, ids: list[int], request: PlanRequest):
+        """The LLM input for ``ids`` with the audio rows spliced in (continuation)."""
+        import torch
+
+        emb = self.embedding_table[torch.tensor(ids, dtype=torch.long)].clone()
+        pos = self.audio_positions(ids)
+        rows = torch.from_numpy(np.asarray(request.audio_rows, dtype=np.float32))
+        emb[pos:pos + rows.shape[0]] = rows
+        return emb
+
+    def _llm_input(self, ids: list[int], request: PlanRequest) -> dict:
+        if request.audio_rows is None:
+            return {"prompt_token_ids": ids}
+        return {"prompt_embeds": self.prompt_embeds(ids, request)}
+
+    async def _hidden_states(self, ids: list[int], request_id: str, request: PlanRequest | None = None) -> np.ndarray:
         from vllm import PoolingParams
 
         final = None
-        async for out in self.pooling_engine.encode({"prompt_token_ids": ids},
+        llm_input = {"prompt_token_ids": ids} if request is None else self._llm_input(ids, request)
+        async for out in self.pooling_engine.encode(llm_input,
                                                     PoolingParams(task="token_embed", use_activation=False),
                                                     request_id):
             final = out
@@ -198,6 +256,13 @@ class Planner:
             raise PlannerError("planner not started")
         if request.duration_policy not in DURATION_POLICIES:
             raise ValueError(f"duration_policy must be one of {DURATION_POLICIES}, got {request.duration_policy!r}")
+        if request.audio_rows is not None and not self.hears_audio:
+            raise ValueError("INPUT_AUDIO: this checkpoint has no audio encoder (the released text-to-audio "
+                             "weights carry none), so it cannot continue audio")
+        if request.script is not None:
+            async for clip in self._plan_script(request):
+                yield clip
+            return
         if request.duration_policy == "exact":
             clips = [c async for c in self._plan_stream(request)]
             for c in scale_to_total(clips, request.total_duration):
@@ -232,7 +297,7 @@ class Planner:
                 part += 1
                 self._engine_ids.setdefault(rid, set()).add(sub_id)
                 last = None
-                async for out in self.generate_engine.generate({"prompt_token_ids": prompt + gen}, params, sub_id):
+                async for out in self.generate_engine.generate(self._llm_input(prompt + gen, request), params, sub_id):
                     new = list(out.outputs[0].token_ids)
                     gen.extend(new)
                     last = out
@@ -257,7 +322,7 @@ class Planner:
                             ids = prompt + gen
                             pool_id = f"{rid}-p{span.index}"
                             self._engine_ids.setdefault(rid, set()).add(pool_id)
-                            task = asyncio.ensure_future(self._hidden_states(ids, pool_id))
+                            task = asyncio.ensure_future(self._hidden_states(ids, pool_id, request))
                             pending.append((span, task))
                         else:
                             dropped.append(f"clip {next_index}: malformed (see the generated text)")
@@ -291,6 +356,35 @@ class Planner:
             if len(self.summaries) > 256:
                 self.summaries.pop(next(iter(self.summaries)))
 
+    async def _plan_script(self, request: PlanRequest) -> AsyncIterator[PlannedClip]:
+        """Script mode: the plan is forced; one pooling pass gives every clip's hidden states."""
+        clips = request.script
+        prompt = self.prompt_ids(request)
+        forced = self.tokenizer.encode(script_mod.forced_text(clips, self.tok.n, self.tok.m), add_special_tokens=False)
+        rid = request.request_id
+        pool_id = f"{rid}-p0"
+        self._engine_ids.setdefault(rid, set()).add(pool_id)
+        done = False
+        try:
+            plan = parse_plan(forced, self.tok, self.tokenizer.decode)
+            if len(plan.clips) != len(clips):
+                raise PlannerError(f"the forced script parsed into {len(plan.clips)} clips, expected {len(clips)}")
+            task = asyncio.ensure_future(self._hidden_states(prompt + forced, pool_id, request))
+            for span, sc in zip(plan.clips, clips):
+                out = await self._clip(span, task, prompt, sc.index == len(clips) - 1, sc.start_s, 0)
+                out.caption, out.duration, out.script = sc.caption, sc.duration_s, sc
+                yield out
+            done = True
+        except (PlanError, PlannerError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise PlannerError(f"LLM engine failure: {type(e).__name__}: {e}") from e
+        finally:
+            if not done:
+                await self.abort(rid)
+            self._engine_ids.pop(rid, None)
+            self.summaries[rid] = PlanSummary(prompt, forced, self.tokenizer.decode(forced), [], True, len(clips))
+
     def _span_ending_at(self, gen: list[int], index: int) -> ClipSpan | None:
         """The clip whose ``</aud>`` was just appended (its ``<|gen|>`` is the last one)."""
         g = max((i for i, t in enumerate(gen) if t == self.tok.gen_open), default=-1)
@@ -321,6 +415,17 @@ class Planner:
             raise PlannerError(f"pooling engine returned {hidden.shape[0]} positions, clip {span.index} needs more")
         return PlannedClip(span.index, span.caption, story_duration(span.duration), span.duration, start_s, is_last,
                            np.ascontiguousarray(sem), np.ascontiguousarray(res), generated)
+
+
+def load_audio_encoder(converted: Converted):
+    """The checkpoint's Whisper encoder + resampler, or None when it has none (text only)."""
+    from . import layout
+    from .audio_input import AudioEncoder
+
+    if converted.config.audio_tokens <= 0:
+        return None
+    return AudioEncoder(converted.root / layout.AUDIO_ENCODER_DIR, converted.root / layout.AUDIO_RESAMPLER_WEIGHTS,
+                        converted.config.audio_tokens)
 
 
 def story_duration(llm_duration: float) -> float:

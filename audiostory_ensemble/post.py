@@ -95,6 +95,39 @@ def crossfade(clips: list[np.ndarray], sr: int = OUTPUT_SAMPLE_RATE,
     return np.ascontiguousarray(result, dtype=np.float32)
 
 
+def place_on_timeline(clips: list[np.ndarray], starts_s: list[float], durations_s: list[float],
+                      fade_in: list[bool], fade_out: list[bool], total_s: float,
+                      sr: int = OUTPUT_SAMPLE_RATE, transition_s: float = CROSSFADE_S) -> np.ndarray:
+    """Script mode: each clip at ``round(start * sr)``, silence elsewhere, ``round(total * sr)`` long.
+
+    A clip's slot is ``round(start*sr) .. round((start+duration)*sr)``, plus ``int(transition_s*sr)``
+    samples when it fades out into the next clip (which starts where this slot ends). The clip is
+    cut or zero-padded to its slot (the DiT's trim and the resampler leave it within a sample or two,
+    or short by the window's end); the fades are the reference's linear ramps, so two touching clips
+    are crossfaded exactly as :func:`crossfade` joins them, with the boundary on the given time.
+    """
+    n_total = int(round(total_s * sr))
+    out = np.zeros((AUDIO_CHANNELS, n_total), dtype=np.float32)
+    ts = max(0, int(transition_s * sr))
+    fade_out_ramp, fade_in_ramp = _ramps(ts) if ts else (None, None)
+    for audio, start, dur, fin, fout in zip(clips, starts_s, durations_s, fade_in, fade_out):
+        a = np.asarray(audio, dtype=np.float32)
+        a = a[None] if a.ndim == 1 else a
+        s0 = int(round(start * sr))
+        s1 = int(round((start + dur) * sr)) + (ts if fout else 0)
+        seg = np.zeros((out.shape[0], s1 - s0), dtype=np.float32)
+        n = min(seg.shape[1], a.shape[1])
+        seg[:, :n] = a[:, :n]
+        if fin and ts and seg.shape[1] >= ts:
+            seg[:, :ts] *= fade_in_ramp
+        if fout and ts and seg.shape[1] >= ts:
+            seg[:, -ts:] *= fade_out_ramp
+        end = min(s1, n_total)
+        if end > s0:
+            out[:, s0:end] += seg[:, : end - s0]
+    return out
+
+
 def stitched_length(durations: list[float], crossfade_s: float = CROSSFADE_S,
                     sr: int = OUTPUT_SAMPLE_RATE, vae_sr: int = VAE_SAMPLE_RATE,
                     wave_samples: int = WAVE_SAMPLES) -> int:

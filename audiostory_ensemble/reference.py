@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import post
+from . import script as script_mod
 from .checkpoint import load_converted
 from .config import (DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS, DEFAULT_SEED, DEFAULT_TOTAL_DURATION_S,
                      MAX_NEW_TOKENS, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE)
@@ -127,6 +128,16 @@ class ReferencePipeline:
         hidden = torch.cat([step[-1] for step in out.hidden_states], dim=1)[0, length:, :]
         return generated, hidden
 
+    @torch.no_grad()
+    def hidden_states(self, ids: list[int], inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """One transformers forward: last-layer hidden states ``[len(ids), H]``; with
+        ``inputs_embeds`` (continuation: audio rows spliced in) those are the input instead."""
+        if inputs_embeds is None:
+            out = self.llm(input_ids=torch.tensor([ids], dtype=torch.long), output_hidden_states=True)
+        else:
+            out = self.llm(inputs_embeds=inputs_embeds[None].float(), output_hidden_states=True)
+        return out.hidden_states[-1][0]
+
     # -- DiT --------------------------------------------------------------------------------------
     @torch.no_grad()
     def render(self, cond: torch.Tensor, duration: float, guidance: float, num_steps: int, seed: int):
@@ -194,6 +205,35 @@ class ReferencePipeline:
         timings["total_s"] = time.perf_counter() - t0
         return ReferenceResult(full_instruction, prompt_ids, generated, text, plan, clips, story,
                                timings=timings)
+
+
+    def script(self, segments: list[script_mod.Segment], instruction: str = "", total_duration: float | None = None,
+               guidance: float = DEFAULT_GUIDANCE, seed: int = DEFAULT_SEED,
+               num_steps: int = DEFAULT_NUM_STEPS) -> ReferenceResult:
+        """Script mode in plain PyTorch: the forced plan through one transformers forward, each clip
+        rendered at its own length, placed on the timeline (``script.py`` has the rules)."""
+        clips_plan = script_mod.plan_clips(segments)
+        story_s = script_mod.story_length(segments, total_duration)
+        full_instruction = build_instruction(instruction.strip() or script_mod.default_instruction([c.caption for c in clips_plan]),
+                                             story_s, seed)
+        prompt_ids = self.tokenizer.encode(build_prompt(full_instruction), add_special_tokens=False)
+        forced = self.tokenizer.encode(script_mod.forced_text(clips_plan, self.tok.n, self.tok.m),
+                                       add_special_tokens=False)
+        hidden = self.hidden_states(prompt_ids + forced)[len(prompt_ids):]
+        plan = parse_plan(forced, self.tok, self.tokenizer.decode)
+        n, m = self.tok.n, self.tok.m
+        clips = []
+        for span, sc in zip(plan.clips, clips_plan):
+            sem, res = hidden[span.t5_pos:span.t5_pos + n], hidden[span.aud_pos:span.aud_pos + m]
+            cond = self.bridge(sem[None], res[None])[0]
+            latent = self.render(cond, sc.render_s, guidance, num_steps, seed)
+            audio = post.resample(post.trim(self.decode(latent), sc.render_s), VAE_SAMPLE_RATE, OUTPUT_SAMPLE_RATE)
+            clips.append(ReferenceClip(sc.index, sc.caption, sc.duration_s, sc.render_s, sem, res, cond,
+                                       latent[0], audio))
+        story = post.place_on_timeline([c.audio for c in clips], [c.start_s for c in clips_plan],
+                                       [c.duration_s for c in clips_plan], [c.fade_in for c in clips_plan],
+                                       [c.fade_out for c in clips_plan], story_s)
+        return ReferenceResult(full_instruction, prompt_ids, forced, self.tokenizer.decode(forced), plan, clips, story)
 
 
 def main(argv: list[str] | None = None) -> int:

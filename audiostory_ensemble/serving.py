@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import json
 import math
@@ -24,7 +25,8 @@ from typing import Callable
 import numpy as np
 
 from . import interface as I
-from .config import DURATION_POLICIES
+from . import script
+from .config import DURATION_POLICIES, MAX_INPUT_AUDIO_S, MIN_INPUT_AUDIO_S
 from .sampler import MAX_SEED
 
 
@@ -44,6 +46,11 @@ class Limits:
     max_steps: int = 200
     max_active_stories: int = 64       # admission at the front door (audiostory_stream)
     story_timeout_s: float = 1800.0    # a story still unfinished after this is failed and cancelled
+    max_segments_bytes: int = 65536    # SEGMENTS JSON
+    min_input_sample_rate: int = 8000
+    max_input_sample_rate: int = 192000
+    max_input_channels: int = 8
+    max_input_audio_s: float = MAX_INPUT_AUDIO_S   # one Whisper window
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,13 @@ class RequestParams:
     seed: int
     num_steps: int
     duration_policy: str
+    segments: list | None = None          # script mode: validated script.Segment list
+    input_audio: np.ndarray | None = None  # continuation: [C, T] float32
+    input_sample_rate: int = 0
+
+    @property
+    def mode(self) -> str:
+        return "script" if self.segments else ("continuation" if self.input_audio is not None else "story")
 
 
 def _scalar(get: Callable[[str], np.ndarray | None], t: I.Tensor, kind: type):
@@ -86,11 +100,18 @@ def _scalar(get: Callable[[str], np.ndarray | None], t: I.Tensor, kind: type):
 
 def parse_request(get: Callable[[str], np.ndarray | None], limits: Limits = Limits()) -> RequestParams:
     """Validate a request's inputs (``get(name)`` returns the numpy array or None) and apply defaults."""
+    raw_segments = _scalar(get, I.SEGMENTS, str) if get(I.SEGMENTS.name) is not None else ""
+    has_audio = get(I.INPUT_AUDIO.name) is not None
+    instruction_given = get(I.INSTRUCTION.name) is not None
     instruction = _scalar(get, I.INSTRUCTION, str)
     if len(instruction.encode("utf-8")) > limits.max_instruction_bytes:
         raise RequestError(f"INSTRUCTION is {len(instruction.encode())} bytes; the limit is {limits.max_instruction_bytes}")
-    if not instruction.strip():
-        raise RequestError("INSTRUCTION must not be empty or whitespace only")
+    if not (raw_segments or has_audio):
+        if not instruction_given:
+            raise RequestError("INSTRUCTION is required (unless SEGMENTS or INPUT_AUDIO is given)")
+        if not instruction.strip():
+            raise RequestError("INSTRUCTION must not be empty or whitespace only")
+    total_given = get(I.TOTAL_DURATION.name) is not None
     total = _scalar(get, I.TOTAL_DURATION, float)
     if not (math.isfinite(total) and limits.min_total_duration <= total <= limits.max_total_duration):
         raise RequestError(f"TOTAL_DURATION must be a number in [{limits.min_total_duration}, "
@@ -108,7 +129,65 @@ def parse_request(get: Callable[[str], np.ndarray | None], limits: Limits = Limi
     policy = _scalar(get, I.DURATION_POLICY, str)
     if policy not in DURATION_POLICIES:
         raise RequestError(f"DURATION_POLICY must be one of {list(DURATION_POLICIES)}, got {policy!r}")
-    return RequestParams(instruction, float(total), float(guidance), int(seed), int(steps), policy)
+    params = RequestParams(instruction, float(total), float(guidance), int(seed), int(steps), policy)
+    if raw_segments and has_audio:
+        raise RequestError("SEGMENTS and INPUT_AUDIO cannot be combined: give a script or an audio to continue")
+    if raw_segments:
+        return _with_segments(params, raw_segments, total_given, limits)
+    if has_audio:
+        return _with_audio(params, get, limits)
+    if get(I.INPUT_SAMPLE_RATE.name) is not None:
+        raise RequestError("INPUT_SAMPLE_RATE is given without INPUT_AUDIO")
+    return params
+
+
+def _with_segments(params: RequestParams, raw: str, total_given: bool, limits: Limits) -> RequestParams:
+    if len(raw.encode("utf-8")) > limits.max_segments_bytes:
+        raise RequestError(f"SEGMENTS is {len(raw.encode())} bytes; the limit is {limits.max_segments_bytes}")
+    if not raw.strip():
+        raise RequestError("SEGMENTS must not be empty")
+    try:
+        segments = script.parse_segments(raw, limits.max_total_duration)
+    except script.ScriptError as e:
+        raise RequestError(str(e)) from None
+    end = segments[-1].end
+    if total_given and params.total_duration < end - 0.5 / I.SAMPLE_RATE:
+        raise RequestError(f"TOTAL_DURATION {params.total_duration:g} s is shorter than the script, whose last "
+                           f"segment ends at {end:g} s (leave TOTAL_DURATION out to end the story there)")
+    if params.duration_policy != I.DURATION_POLICY.default:
+        raise RequestError("DURATION_POLICY does not apply in script mode: the segments set the durations")
+    total = script.story_length(segments, params.total_duration if total_given else None)
+    return dataclasses.replace(params, segments=segments, total_duration=total)
+
+
+def _with_audio(params: RequestParams, get, limits: Limits) -> RequestParams:
+    audio = np.asarray(get(I.INPUT_AUDIO.name))
+    if audio.dtype.kind != "f":
+        raise RequestError(f"INPUT_AUDIO must be FP32 samples, got {audio.dtype}")
+    if audio.ndim != 2:
+        raise RequestError(f"INPUT_AUDIO must be [channels, samples], got shape {list(audio.shape)}")
+    channels, samples = audio.shape
+    if not 1 <= channels <= limits.max_input_channels:
+        raise RequestError(f"INPUT_AUDIO must have 1 to {limits.max_input_channels} channels, got {channels} "
+                           "(shape is [channels, samples])")
+    if samples == 0:
+        raise RequestError("INPUT_AUDIO is empty (0 samples)")
+    if get(I.INPUT_SAMPLE_RATE.name) is None:
+        raise RequestError("INPUT_SAMPLE_RATE is required with INPUT_AUDIO")
+    rate = _scalar(get, I.INPUT_SAMPLE_RATE, int)
+    if not limits.min_input_sample_rate <= rate <= limits.max_input_sample_rate:
+        raise RequestError(f"INPUT_SAMPLE_RATE must be in [{limits.min_input_sample_rate}, "
+                           f"{limits.max_input_sample_rate}] Hz, got {rate}")
+    seconds = samples / rate
+    if seconds > limits.max_input_audio_s + 1e-9:
+        raise RequestError(f"INPUT_AUDIO is {seconds:.2f} s; the limit is {limits.max_input_audio_s:g} s "
+                           "(one audio-encoder window)")
+    if seconds < MIN_INPUT_AUDIO_S:
+        raise RequestError(f"INPUT_AUDIO is {seconds:.3f} s; at least {MIN_INPUT_AUDIO_S:g} s is needed")
+    if not np.isfinite(audio).all():
+        raise RequestError("INPUT_AUDIO holds NaN or infinite samples")
+    return dataclasses.replace(params, input_audio=np.ascontiguousarray(audio, dtype=np.float32),
+                               input_sample_rate=int(rate))
 
 
 @dataclass
@@ -131,6 +210,15 @@ class ClipMeta:
     num_steps: int
     arrival: float = 0.0       # wall-clock time the request reached the planner (for metrics)
     cancel_key: str = ""       # the request id the front door cancels the story by ("" = none)
+    fade_in: bool = False      # script mode: crossfaded from the previous clip
+    fade_out: bool = False     # script mode: crossfaded into the next clip (render_s has the tail)
+    timeline_s: float = 0.0    # script mode: the story's length (clips placed by start); 0 = joined
+
+    def plan_entry(self) -> dict:
+        """The clip's public plan entry (the ``PLAN`` output)."""
+        return {"index": self.index, "caption": self.caption, "start": self.start_s,
+                "duration": self.duration_s, "render": self.render_s, "fade_in": self.fade_in,
+                "fade_out": self.fade_out, "is_last": self.is_last, "timeline": self.timeline_s}
 
     def encode(self) -> np.ndarray:
         return np.array([json.dumps(asdict(self)).encode()], dtype=np.object_)

@@ -5,12 +5,13 @@ Used by the client and by the ``audiostory_full`` model, so both stitch exactly 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .config import OUTPUT_SAMPLE_RATE
-from .post import crossfade
+from .post import crossfade, place_on_timeline
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Clip:
     start_s: float
     duration_s: float
     is_last: bool
+    plan: dict = field(default_factory=dict)   # the clip's PLAN entry (empty from old servers)
 
 
 @dataclass
@@ -28,6 +30,18 @@ class Story:
     audio: np.ndarray
     clips: list[Clip]
     sample_rate: int = OUTPUT_SAMPLE_RATE
+
+    @property
+    def plan(self) -> dict:
+        """The whole plan (the ``PLAN`` output of ``audiostory_full``)."""
+        timeline = bool(self.clips and self.clips[0].plan.get("timeline"))
+        return {"mode": "script" if timeline else "story",
+                "duration": round(self.audio.shape[1] / self.sample_rate, 6),
+                "clips": [c.plan or {"index": c.index, "caption": c.caption, "start": c.start_s,
+                                     "duration": c.duration_s} for c in self.clips]}
+
+    def plan_json(self) -> str:
+        return json.dumps(self.plan)
 
     @property
     def captions(self) -> list[str]:
@@ -50,10 +64,13 @@ class StoryAssembler:
         self.count: int | None = None     # known once the last clip arrived
 
     def add(self, index: int, caption: str, audio: np.ndarray, start_s: float, duration_s: float,
-            is_last: bool) -> Clip:
+            is_last: bool, plan: dict | str | bytes | None = None) -> Clip:
         if index in self.clips:
             raise ValueError(f"clip {index} arrived twice")
-        clip = Clip(index, caption, np.asarray(audio, dtype=np.float32), start_s, duration_s, is_last)
+        if isinstance(plan, (str, bytes)):
+            plan = json.loads(plan)
+        clip = Clip(index, caption, np.asarray(audio, dtype=np.float32), start_s, duration_s, is_last,
+                    dict(plan or {}))
         self.clips[index] = clip
         if is_last:
             self.count = index + 1
@@ -77,4 +94,12 @@ class StoryAssembler:
         if extra:
             raise ValueError(f"clips {extra} arrived after the last clip ({self.count - 1})")
         ordered = [self.clips[i] for i in range(self.count)]
+        timeline = ordered[0].plan.get("timeline", 0)
+        if timeline:   # script mode: every clip at its start, silence in the gaps
+            # Times from the JSON plan (float64): CLIP_START_S is FP32, a fraction of a sample off.
+            audio = place_on_timeline([c.audio for c in ordered], [float(c.plan["start"]) for c in ordered],
+                                      [float(c.plan["duration"]) for c in ordered],
+                                      [bool(c.plan.get("fade_in")) for c in ordered],
+                                      [bool(c.plan.get("fade_out")) for c in ordered], float(timeline))
+            return Story(audio, ordered)
         return Story(crossfade([c.audio for c in ordered], OUTPUT_SAMPLE_RATE), ordered)

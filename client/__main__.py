@@ -1,13 +1,16 @@
 """Command line: ``python -m client generate "a thunderstorm over a harbour" --duration 40 -o story.wav``.
 
-Streams over gRPC (the ``audiostory`` ensemble), prints each clip as it lands, writes the
-crossfaded WAV (and each clip with ``--clips-dir``); ``--http`` asks ``audiostory_full`` instead.
-Exits non-zero with the server's message on error.
+Streams over gRPC (``audiostory_stream``), prints each clip as it lands, writes the stitched WAV
+(and each clip with ``--clips-dir``, the plan with ``--plan``); ``--http`` asks ``audiostory_full``.
+``--script segments.json`` dubs a timeline; ``--continue input.wav`` continues an audio
+(``--prepend-input`` puts the input before the continuation, crossfaded). Exits non-zero with the
+server's message on error.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,17 +21,45 @@ from .api import AudioStoryClient, AudioStoryError, generate_http, health_check
 
 
 def _params(args) -> dict:
-    return {"total_duration": args.duration, "guidance": args.guidance, "seed": args.seed,
-            "num_steps": args.steps, "duration_policy": args.duration_policy}
+    params = {"total_duration": args.duration, "guidance": args.guidance, "seed": args.seed,
+              "num_steps": args.steps, "duration_policy": args.duration_policy}
+    if args.script:
+        params["segments"] = Path(args.script).read_text()
+    if args.continue_from:
+        import soundfile as sf
+
+        data, rate = sf.read(args.continue_from, dtype="float32", always_2d=True)   # [T, C]
+        params["input_audio"], params["input_sample_rate"] = data.T, int(rate)
+    return params
+
+
+def prepend_input(story_audio, input_audio, input_rate: int):
+    """The input, at 32 kHz stereo, then the continuation, joined by the 3 s crossfade."""
+    import numpy as np
+
+    from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE
+    from audiostory_ensemble.post import crossfade, resample
+
+    a = resample(np.asarray(input_audio, dtype=np.float32), int(input_rate), OUTPUT_SAMPLE_RATE)
+    a = np.repeat(a, 2, axis=0) if a.shape[0] == 1 else a[:2]
+    return crossfade([a, story_audio], OUTPUT_SAMPLE_RATE)
 
 
 def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if not (args.instruction or args.script or args.continue_from):
+        print("error: give an instruction, --script or --continue", file=sys.stderr)
+        return 2
+    try:
+        params = _params(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.http:
-            story = generate_http(args.instruction, url=args.http_url, timeout=args.timeout, **_params(args))
+            story = generate_http(args.instruction, url=args.http_url, timeout=args.timeout, **params)
             for c in story.clips:
                 print(f"clip {c.index}: {c.start_s:7.2f}–{c.start_s + c.duration_s:7.2f} s  {c.caption}")
         else:
@@ -44,15 +75,20 @@ def cmd_generate(args) -> int:
                     write_wav(clips_dir / f"clip_{c.index:02d}.wav", c.audio)
 
             story = AudioStoryClient(args.url).generate(args.instruction, on_clip=on_clip,
-                                                        timeout=args.timeout, **_params(args))
+                                                        timeout=args.timeout, **params)
     except (AudioStoryError, TimeoutError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - transport errors from tritonclient
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    write_wav(out, story.audio, story.sample_rate)
-    seconds = story.audio.shape[1] / story.sample_rate
+    audio = story.audio
+    if args.prepend_input and args.continue_from:
+        audio = prepend_input(audio, params["input_audio"], params["input_sample_rate"])
+    write_wav(out, audio, story.sample_rate)
+    if args.plan:
+        Path(args.plan).write_text(json.dumps(story.plan, indent=2) + "\n")
+    seconds = audio.shape[1] / story.sample_rate
     print(f"wrote {out}: {len(story.clips)} clips, {seconds:.2f} s of audio in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -71,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m client", description="AudioStory client")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate a story and write it as WAV")
-    g.add_argument("instruction", help="what the story is about")
+    g.add_argument("instruction", nargs="?", default=None,
+                   help="what the story is about (optional with --script or --continue)")
+    g.add_argument("--script", default=None, help='JSON file: [{"start": s, "end": s, "caption": "..."}, ...]')
+    g.add_argument("--continue", dest="continue_from", default=None, help="audio file to continue (at most 30 s)")
+    g.add_argument("--prepend-input", action="store_true", help="with --continue: input + continuation in one WAV")
+    g.add_argument("--plan", default=None, help="also write the plan (JSON) here")
     g.add_argument("-o", "--output", default="story.wav")
     g.add_argument("--duration", type=float, default=None, help="total duration in seconds (server default 50)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (server default 4.0)")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 import uuid
@@ -18,13 +19,24 @@ class AudioStoryError(RuntimeError):
     """The server refused or failed the request; the message is the server's."""
 
 
-def request_arrays(instruction: str, total_duration: float | None = None, guidance: float | None = None,
+def request_arrays(instruction: str | None, total_duration: float | None = None, guidance: float | None = None,
                    seed: int | None = None, num_steps: int | None = None,
-                   duration_policy: str | None = None) -> dict[str, np.ndarray]:
-    """The request's input tensors; ``None`` leaves an optional input out (server default)."""
+                   duration_policy: str | None = None, segments=None, input_audio: np.ndarray | None = None,
+                   input_sample_rate: int | None = None) -> dict[str, np.ndarray]:
+    """The request's input tensors; ``None`` leaves an optional input out (server default).
+
+    ``segments``: script mode, a list of ``{"start", "end", "caption"}`` dicts (or their JSON text).
+    ``input_audio``: continuation, ``[channels, samples]`` (or ``[samples]``) with ``input_sample_rate``.
+    """
+    if segments is not None and not isinstance(segments, (str, bytes)):
+        segments = json.dumps(list(segments))
     values = {I.INSTRUCTION: instruction, I.TOTAL_DURATION: total_duration, I.GUIDANCE_SCALE: guidance,
-              I.SEED: seed, I.NUM_STEPS: num_steps, I.DURATION_POLICY: duration_policy}
+              I.SEED: seed, I.NUM_STEPS: num_steps, I.DURATION_POLICY: duration_policy, I.SEGMENTS: segments,
+              I.INPUT_SAMPLE_RATE: input_sample_rate}
     out = {}
+    if input_audio is not None:
+        a = np.asarray(input_audio, dtype=np.float32)
+        out[I.INPUT_AUDIO.name] = np.ascontiguousarray(a[None] if a.ndim == 1 else a)
     for t, v in values.items():
         if v is None:
             continue
@@ -36,9 +48,11 @@ def request_arrays(instruction: str, total_duration: float | None = None, guidan
 
 
 def _clip_from(get) -> Clip:
+    plan = get(I.CLIP_PLAN.name)
     return Clip(int(get(I.CLIP_INDEX.name)[0]), get(I.CAPTION.name)[0].decode("utf-8"),
                 get(I.CLIP_AUDIO.name), float(get(I.CLIP_START_S.name)[0]),
-                float(get(I.CLIP_DURATION_S.name)[0]), bool(get(I.IS_LAST.name)[0]))
+                float(get(I.CLIP_DURATION_S.name)[0]), bool(get(I.IS_LAST.name)[0]),
+                json.loads(plan[0]) if plan is not None else {})
 
 
 class AudioStoryClient:
@@ -51,7 +65,7 @@ class AudioStoryClient:
         self.url = url
         self.model = model
 
-    def stream(self, instruction: str, *, timeout: float = 600.0, **params) -> Iterator[Clip]:
+    def stream(self, instruction: str | None, *, timeout: float = 600.0, **params) -> Iterator[Clip]:
         """Yields clips as they arrive (possibly out of order; ``Clip.index`` is authoritative)."""
         g = self._grpc
         client = g.InferenceServerClient(self.url)
@@ -90,11 +104,11 @@ class AudioStoryClient:
             client.stop_stream(cancel_requests=not finished)
             client.close()
 
-    def generate(self, instruction: str, *, on_clip=None, timeout: float = 600.0, **params) -> Story:
+    def generate(self, instruction: str | None, *, on_clip=None, timeout: float = 600.0, **params) -> Story:
         """The whole story, stitched client-side exactly as ``audiostory_full`` does."""
         story = StoryAssembler()
         for clip in self.stream(instruction, timeout=timeout, **params):
-            story.add(clip.index, clip.caption, clip.audio, clip.start_s, clip.duration_s, clip.is_last)
+            story.add(clip.index, clip.caption, clip.audio, clip.start_s, clip.duration_s, clip.is_last, clip.plan)
             if on_clip is not None:
                 on_clip(clip)
         try:
@@ -103,7 +117,7 @@ class AudioStoryClient:
             raise AudioStoryError(f"incomplete story: {e}") from None
 
 
-def generate_http(instruction: str, url: str = "127.0.0.1:8000", model: str = I.FULL_MODEL,
+def generate_http(instruction: str | None, url: str = "127.0.0.1:8000", model: str = I.FULL_MODEL,
                   timeout: float = 600.0, **params) -> Story:
     """The whole story from ``audiostory_full`` over HTTP."""
     import tritonclient.http as httpclient
@@ -126,7 +140,10 @@ def generate_http(instruction: str, url: str = "127.0.0.1:8000", model: str = I.
     captions = [c.decode("utf-8") for c in result.as_numpy(I.CAPTIONS.name)]
     starts = result.as_numpy(I.CLIP_STARTS_S.name)
     durations = result.as_numpy(I.CLIP_DURATIONS_S.name)
-    clips = [Clip(i, c, np.zeros((2, 0), np.float32), float(s), float(d), i == len(captions) - 1)
+    plan = json.loads(result.as_numpy(I.PLAN.name)[0])
+    entries = plan.get("clips", [])
+    clips = [Clip(i, c, np.zeros((2, 0), np.float32), float(s), float(d), i == len(captions) - 1,
+                  entries[i] if i < len(entries) else {})
              for i, (c, s, d) in enumerate(zip(captions, starts, durations))]
     return Story(result.as_numpy(I.AUDIO.name), clips)
 

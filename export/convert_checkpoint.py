@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from audiostory_ensemble import layout
 from audiostory_ensemble.config import ModelConfig, get_config
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 
 class ConversionError(RuntimeError):
@@ -212,6 +212,32 @@ def uncond_tokens(ledger: KeyLedger, cfg: ModelConfig) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask).last_hidden_state[0].float().contiguous()
 
 
+def convert_audio_encoder(ledger: KeyLedger, hydra: dict, release: Path, out: Path, cfg: ModelConfig) -> ModelConfig:
+    """The audio-understanding path, when the release has it: the Whisper folder is copied, the
+    resampler's projector saved; ``audio_tokens`` set. Half of it (weights without the encoder,
+    or the reverse) is an error, never a silent text-only model."""
+    from audiostory_ensemble.audio_input import AudioEncoder
+
+    has = any(k.startswith(layout.AUDIO_RESAMPLER_PREFIX) for k in ledger.state)
+    resampler = ledger.take_prefix(layout.AUDIO_RESAMPLER_PREFIX) if has else {}
+    spec = (hydra.get("agent_model") or {}).get("whisper_resampler_llava")
+    encoder = (hydra.get("whisper_encoder") or {}).get("pretrained_model_path")
+    present = [bool(resampler), bool(spec), bool(encoder)]
+    if not any(present):
+        return replace(cfg, audio_tokens=0)
+    if not all(present):
+        raise ConversionError("incomplete audio encoder: resampler weights, agent_model.whisper_resampler_llava "
+                              f"and whisper_encoder must come together (found {present})")
+    if int(spec["tgt_embed_dim"]) != cfg.llm.hidden_size:
+        raise ConversionError(f"resampler tgt_embed_dim {spec['tgt_embed_dim']} != LLM width {cfg.llm.hidden_size}")
+    src = release / encoder
+    shutil.copytree(src, out / layout.AUDIO_ENCODER_DIR)
+    save_file({k: v.float().contiguous() for k, v in resampler.items()}, str(out / layout.AUDIO_RESAMPLER_WEIGHTS))
+    # Load once: every weight present, the shapes agree.
+    AudioEncoder(out / layout.AUDIO_ENCODER_DIR, out / layout.AUDIO_RESAMPLER_WEIGHTS, int(spec["token_num"]))
+    return replace(cfg, audio_tokens=int(spec["token_num"]))
+
+
 def derive_config(base: ModelConfig, hydra: dict, release: Path) -> ModelConfig:
     """Our ModelConfig with N, M, scale, LLM and DiT sizes read from the release."""
     pipe = hydra["train_dataset"]["datapipes"][0]
@@ -288,6 +314,7 @@ def convert(release: Path, out: Path, model: str, force: bool = False) -> Path:
 
     uncond = uncond_tokens(ledger, cfg)
     save_file({"uncond_tokens": uncond}, str(out / layout.UNCOND_WEIGHTS))
+    cfg = convert_audio_encoder(ledger, hydra, release, out, cfg)
     ledger.check_all_taken()
 
     from safetensors.torch import load_file

@@ -412,6 +412,37 @@ def other_release_tensors(seed: int) -> dict:
     return out
 
 
+# The audio-understanding path (continuation): a tiny Whisper encoder and the resampler. The
+# official text-to-audio release has neither; this layout (a transformers Whisper folder beside
+# the LLM, resampler keys in pytorch_model.bin) is ours and documented in layout.py.
+TINY_WHISPER = dict(d_model=64, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128,
+                    decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=128,
+                    num_mel_bins=80, max_source_positions=1500, vocab_size=64,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3)
+
+
+def write_whisper_encoder(folder: Path, seed: int) -> dict:
+    """A seeded random tiny Whisper encoder folder; returns the resampler's release tensors."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import WhisperConfig, WhisperFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    folder.mkdir(parents=True)
+    cfg = WhisperConfig(**TINY_WHISPER)
+    cfg.save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=cfg.num_mel_bins).save_pretrained(folder)
+    torch.manual_seed(seed + 31)
+    enc = WhisperEncoder(cfg)
+    save_file({k: v.detach().clone().contiguous().float() for k, v in enc.state_dict().items()},
+              str(folder / "model.safetensors"))
+    torch.manual_seed(seed + 32)
+    d, h = cfg.d_model, TINY.llm.hidden_size
+    proj = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.GELU(), torch.nn.Linear(h, h))
+    return {layout.AUDIO_RESAMPLER_PREFIX + "aud_projector." + k: v.detach().clone().contiguous().float()
+            for k, v in proj.state_dict().items()}
+
+
 def t5_config():
     from transformers import T5Config
 
@@ -474,7 +505,14 @@ def release_config_yaml(vocab_size: int) -> str:
             "_target_": "src.models.mllm.modeling_audiostory_llm.AudioStory_llm.from_pretrained",
             "t5_feature_scale": float(TINY.t5_feature_scale),
             "model_dims": TINY.llm.hidden_size,
+            "whisper_resampler_llava": {
+                "_target_": "src.models.tokenizer.modeling_whisper.Whisper_Resampler_llava",
+                "token_num": TINY.audio_tokens,
+                "ori_embed_dim": TINY_WHISPER["d_model"],
+                "tgt_embed_dim": TINY.llm.hidden_size,
+            },
         },
+        "whisper_encoder": {"pretrained_model_path": layout.RELEASE_WHISPER_DIR},
         "train_dataset": {
             "datapipes": [{
                 "num_t5_out_tokens": TINY.num_t5_tokens,
@@ -631,6 +669,7 @@ def _build_into(tmp: Path, out: Path, steps: int, seed: int, digest: str, t_star
     # 3. the release state dict
     sd = llm_release_tensors(trained, seed)
     sd.update(other_release_tensors(seed))
+    sd.update(write_whisper_encoder(tmp / layout.RELEASE_WHISPER_DIR, seed))
     digest_sd = state_digest(sd)
     torch.save(sd, tmp / layout.RELEASE_WEIGHTS)
     (tmp / layout.RELEASE_CONFIG).write_text(release_config_yaml(vocab_size))

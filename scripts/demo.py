@@ -1,9 +1,11 @@
 """`make demo`: serve the tiny model on a local Triton and generate one story with the client.
 
 Expects the repository filled by `make repo` (the Makefile runs the steps before this one).
-Writes build/demo/story.wav (and each clip under build/demo/clips/), then stops the server.
+Writes build/demo/story.wav (and each clip under build/demo/clips/), then a dubbed timeline in
+script mode (build/demo/dubbed.wav and its plan), then stops the server.
 """
 import argparse
+import json
 import sys
 import time
 
@@ -11,6 +13,14 @@ from audiostory_ensemble import layout
 from audiostory_ensemble.tiny_story import SAMPLE_INSTRUCTIONS
 from audiostory_ensemble.triton_server import TritonServer, TritonServerError
 from client.__main__ import main as client_main
+
+
+# A timeline as a video captioner would hand it over: two touching segments, a gap, one more.
+DEMO_SCRIPT = [
+    {"start": 0.5, "end": 6.0, "caption": "a door creaks open slowly"},
+    {"start": 6.0, "end": 14.0, "caption": "footsteps crunch on gravel"},
+    {"start": 16.0, "end": 20.0, "caption": "a dog barks twice"},
+]
 
 
 def main() -> int:
@@ -30,8 +40,15 @@ def main() -> int:
     print(f"ready in {time.perf_counter() - t:.0f} s (gRPC {server.grpc_url}, {args.model} model); "
           f"asking for: {caption!r}, {total} s")
     try:
-        return client_main(["generate", caption, "--duration", str(total), "--url", server.grpc_url,
-                            "-o", str(out / "story.wav"), "--clips-dir", str(out / "clips")])
+        rc = client_main(["generate", caption, "--duration", str(total), "--url", server.grpc_url,
+                          "-o", str(out / "story.wav"), "--clips-dir", str(out / "clips")])
+        if rc:
+            return rc
+        script = out / "segments.json"
+        script.write_text(json.dumps(DEMO_SCRIPT, indent=2) + "\n")
+        print(f"script mode: dubbing the timeline in {script}")
+        return client_main(["generate", "--script", str(script), "--url", server.grpc_url,
+                            "-o", str(out / "dubbed.wav"), "--plan", str(out / "dubbed.plan.json")])
     finally:
         server.stop()
         print(f"server stopped; log at {out / 'tritonserver.log'}")

@@ -74,6 +74,30 @@ def test_missing_key_is_an_error_naming_it(tiny_release, tmp_path):
         convert(release, tmp_path / "out", "tiny")
 
 
+def test_audio_encoder_is_converted_and_a_release_without_one_is_text_only(tiny_release, converted, tmp_path):
+    assert converted.config.audio_tokens == 8
+    assert (converted.root / layout.AUDIO_ENCODER_DIR / "model.safetensors").is_file()
+    assert (converted.root / layout.AUDIO_RESAMPLER_WEIGHTS).is_file()
+    # The official text-to-audio release has no audio path: it converts, as text only.
+    release = _copy_release(tiny_release, tmp_path / "release")
+    state = torch.load(release / layout.RELEASE_WEIGHTS, map_location="cpu", weights_only=True)
+    resampler = {k: v for k, v in state.items() if k.startswith(layout.AUDIO_RESAMPLER_PREFIX)}
+    torch.save({k: v for k, v in state.items() if k not in resampler}, release / layout.RELEASE_WEIGHTS)
+    hydra = yaml.safe_load((release / layout.RELEASE_CONFIG).read_text())
+    spec = hydra["agent_model"].pop("whisper_resampler_llava")
+    encoder = hydra.pop("whisper_encoder")
+    (release / layout.RELEASE_CONFIG).write_text(yaml.safe_dump(hydra, sort_keys=False))
+    out = convert(release, tmp_path / "text_only", "tiny")
+    assert json.loads((out / layout.MODEL_CONFIG).read_text())["audio_tokens"] == 0
+    assert not (out / layout.AUDIO_ENCODER_DIR).exists()
+    # Half an audio path (the config names it, the weights are missing) is an error, not text only.
+    hydra["agent_model"]["whisper_resampler_llava"] = spec
+    hydra["whisper_encoder"] = encoder
+    (release / layout.RELEASE_CONFIG).write_text(yaml.safe_dump(hydra, sort_keys=False))
+    with pytest.raises(ConversionError, match="incomplete audio encoder"):
+        convert(release, tmp_path / "half", "tiny")
+
+
 def test_conversion_is_skipped_when_unchanged(tiny_release, converted, capsys):
     convert(tiny_release, converted.root, "tiny")
     assert "up to date" in capsys.readouterr().out

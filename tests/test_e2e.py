@@ -133,6 +133,15 @@ def _txt(*v):
     return np.array(list(v), dtype=np.object_)
 
 
+def _i32(*v):
+    return np.array(v, dtype=np.int32)
+
+
+def _seg(*segments):
+    import json
+    return _txt(json.dumps([{"start": a, "end": b, "caption": c} for a, b, c in segments]).encode())
+
+
 BAD_REQUESTS = [  # (what, the field the error must name, overrides of a good request; None = leave out)
     ("missing instruction", "INSTRUCTION", dict(INSTRUCTION=None)),
     ("empty instruction", "INSTRUCTION", dict(INSTRUCTION=_txt(b""))),
@@ -178,6 +187,31 @@ BAD_REQUESTS = [  # (what, the field the error must name, overrides of a good re
     ("policy wrong case", "DURATION_POLICY", dict(DURATION_POLICY=_txt(b"MODEL"))),
     ("policy non-UTF-8", "DURATION_POLICY", dict(DURATION_POLICY=_txt(b"\xc3("))),
     ("policy INT32", "DURATION_POLICY", dict(DURATION_POLICY=np.array([1], np.int32))),
+    ("segments malformed JSON", "SEGMENTS", dict(SEGMENTS=_txt(b'[{"start": 0,'))),
+    ("segments empty list", "SEGMENTS", dict(SEGMENTS=_txt(b"[]"))),
+    ("segments overlapping", "SEGMENTS", dict(SEGMENTS=_seg((0, 5, "rain"), (4, 8, "wind")))),
+    ("segments unsorted", "SEGMENTS", dict(SEGMENTS=_seg((10, 15, "rain"), (0, 5, "wind")))),
+    ("segments negative start", "SEGMENTS", dict(SEGMENTS=_seg((-2, 5, "rain")))),
+    ("segments empty caption", "SEGMENTS", dict(SEGMENTS=_seg((0, 5, "")))),
+    ("segments end before start", "SEGMENTS", dict(SEGMENTS=_seg((5, 2, "rain")))),
+    ("segments past the limit", "SEGMENTS", dict(SEGMENTS=_seg((0, 900, "rain")))),
+    ("segments FP32", "SEGMENTS", dict(SEGMENTS=_f32(1))),
+    ("audio empty", "INPUT_AUDIO", dict(INPUT_AUDIO=np.zeros((1, 0), np.float32), INPUT_SAMPLE_RATE=_i32(16000))),
+    ("audio NaN", "INPUT_AUDIO", dict(INPUT_AUDIO=np.full((2, 16000), np.nan, np.float32),
+                                      INPUT_SAMPLE_RATE=_i32(16000))),
+    ("audio rank 1", "INPUT_AUDIO", dict(INPUT_AUDIO=np.zeros((16000,), np.float32), INPUT_SAMPLE_RATE=_i32(16000))),
+    ("audio rank 3", "INPUT_AUDIO", dict(INPUT_AUDIO=np.zeros((1, 2, 8000), np.float32),
+                                         INPUT_SAMPLE_RATE=_i32(16000))),
+    ("audio FP64", "INPUT_AUDIO", dict(INPUT_AUDIO=np.zeros((1, 16000), np.float64), INPUT_SAMPLE_RATE=_i32(16000))),
+    ("audio too long", "INPUT_AUDIO", dict(INPUT_AUDIO=np.zeros((1, 8000 * 31), np.float32),
+                                           INPUT_SAMPLE_RATE=_i32(8000))),
+    ("audio absurd sample rate", "INPUT_SAMPLE_RATE", dict(INPUT_AUDIO=np.zeros((1, 16000), np.float32),
+                                                           INPUT_SAMPLE_RATE=_i32(7))),
+    ("audio without sample rate", "INPUT_SAMPLE_RATE", dict(INPUT_AUDIO=np.zeros((1, 16000), np.float32))),
+    ("sample rate without audio", "INPUT_SAMPLE_RATE", dict(INPUT_SAMPLE_RATE=_i32(16000))),
+    ("script and audio together", "SEGMENTS", dict(SEGMENTS=_seg((0, 5, "rain")),
+                                                   INPUT_AUDIO=np.zeros((1, 16000), np.float32),
+                                                   INPUT_SAMPLE_RATE=_i32(16000))),
     ("unknown input", "UNKNOWN_INPUT", dict(UNKNOWN_INPUT=_f32(1))),
     ("internal input", "_STORY_KEY", dict(_STORY_KEY=_txt(b"../../etc/passwd"))),
 ]
@@ -230,6 +264,84 @@ def _stream_error(server, model, arrays) -> str | None:
     finally:
         c.stop_stream()
         c.close()
+
+
+# ---- script mode (dubbing) and continuation ----------------------------------------------------------
+
+SCRIPT = [{"start": 1.0, "end": 9.5, "caption": "a dog barks twice"},
+          {"start": 9.5, "end": 16.25, "caption": "thunder rumbles in the distance"},
+          {"start": 18.0, "end": 21.0, "caption": "a church bell rings"}]
+
+
+def test_script_mode_is_timeline_exact_and_equals_the_reference(client, server, reference):
+    from audiostory_ensemble import script
+
+    story = client.generate(None, segments=SCRIPT, num_steps=4)
+    sr = story.sample_rate
+    assert story.captions == [s["caption"] for s in SCRIPT]
+    assert [c.plan["start"] for c in story.clips] == [s["start"] for s in SCRIPT]
+    assert [round(c.start_s * sr) for c in story.clips] == [round(s["start"] * sr) for s in SCRIPT]
+    assert story.audio.shape == (2, round(21.0 * sr))
+    assert story.plan["mode"] == "script" and story.plan["duration"] == 21.0
+    # Silence before the first segment and in the gap, sound from each hard start's first sample.
+    assert not story.audio[:, : sr].any() and not story.audio[:, round(16.25 * sr): 18 * sr].any()
+    for start in (1.0, 18.0):
+        assert story.audio[:, round(start * sr)].any()
+    # Clip 0 fades into clip 1 (touching): rendered 3 s longer; clip 1 ends hard at 16.25 s.
+    assert [c.plan["fade_out"] for c in story.clips] == [True, False, False]
+    assert [c.audio.shape[1] for c in story.clips][:2] == [round(11.5 * sr), round(6.75 * sr)]
+    ref = reference.script(script.parse_segments(__import__("json").dumps(SCRIPT), 600), num_steps=4)
+    assert ref.audio.shape == story.audio.shape
+    assert np.abs(story.audio - ref.audio).max() <= 1e-3
+    # The same through audiostory_full over HTTP, with the whole plan.
+    whole = generate_http(None, url=server.http_url, segments=SCRIPT, num_steps=4)
+    assert whole.audio.shape == story.audio.shape and np.abs(whole.audio - story.audio).max() <= 1e-6
+    assert [c.plan["start"] for c in whole.clips] == [s["start"] for s in SCRIPT]
+
+
+def test_continuation_yields_a_story_of_the_documented_length(client, server):
+    from audiostory_ensemble.post import stitched_length
+
+    t = np.arange(int(4.0 * 22050)) / 22050
+    audio = np.stack([np.sin(2 * np.pi * 330 * t), np.sin(2 * np.pi * 331 * t)]).astype(np.float32) * 0.3
+    story = client.generate("waves crash on a rocky shore, then a dog barks twice", input_audio=audio,
+                            input_sample_rate=22050, total_duration=20.0, num_steps=2, duration_policy="exact")
+    # The output is the continuation alone, stitched like any story; TOTAL_DURATION is its length
+    # (the input is not counted): exactly so under the `exact` policy.
+    assert len(story.clips) >= 1 and story.clips[-1].is_last
+    assert story.audio.shape[1] == stitched_length([c.plan["duration"] for c in story.clips])
+    assert abs(sum(c.duration_s for c in story.clips) - 20.0) < 1e-3
+    assert abs(story.audio.shape[1] - 20.0 * story.sample_rate) <= len(story.clips)
+    # Through the bare ensemble too, and with no instruction at all.
+    clips = list(AudioStoryClient(server.grpc_url, model=I.ENSEMBLE).stream(
+        None, input_audio=audio, input_sample_rate=22050, total_duration=12.0, num_steps=2))
+    assert clips and any(c.is_last for c in clips)
+
+
+def test_client_command_line_dubs_a_script_and_continues_a_file(server, tmp_path):
+    import json
+
+    import soundfile as sf
+
+    from client.__main__ import main as client_main
+
+    (tmp_path / "segments.json").write_text(json.dumps(SCRIPT[:2]))
+    assert client_main(["generate", "--script", str(tmp_path / "segments.json"), "--steps", "2",
+                        "--url", server.grpc_url, "-o", str(tmp_path / "dub.wav"),
+                        "--plan", str(tmp_path / "plan.json")]) == 0
+    dub, sr = sf.read(tmp_path / "dub.wav")
+    assert sr == 32000 and dub.shape == (round(16.25 * sr), 2)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["mode"] == "script" and [c["start"] for c in plan["clips"]] == [1.0, 9.5]
+    t = np.arange(3 * 16000) / 16000
+    sf.write(tmp_path / "in.wav", (0.2 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
+    assert client_main(["generate", "--continue", str(tmp_path / "in.wav"), "--steps", "2", "--duration", "12",
+                        "--duration-policy", "exact", "--prepend-input", "--url", server.grpc_url,
+                        "-o", str(tmp_path / "next.wav")]) == 0
+    joined, _ = sf.read(tmp_path / "next.wav")
+    # input (3 s) + continuation (12 s) - the 3 s crossfade
+    assert abs(joined.shape[0] - 12 * 32000) <= 4
+    assert client_main(["generate", "--script", str(tmp_path / "missing.json"), "--url", server.grpc_url]) == 2
 
 
 # ---- cancellation reaches the planner and the sampler --------------------------------------------
@@ -302,3 +414,31 @@ def test_web_playground_shows_the_plan_and_a_playable_story(server, client, samp
     assert f"0:{round(seconds):02d}" in page["story_times"], page["story_times"]
     assert page["wav_samples"] == expected.audio.shape[1]
     assert shot.is_file()
+
+
+def _drive_page(server, test_build_dir, *args):
+    import json
+    import subprocess
+
+    proc = subprocess.run([str(WEB_PYTHON), "tests/web_driver.py", "--triton-url", server.grpc_url, "--steps", "2",
+                           *args], cwd=WEB_PYTHON.parents[3], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_web_playground_dubs_a_script_and_continues_an_uploaded_audio(server, test_build_dir, tmp_path):
+    import json
+
+    import soundfile as sf
+
+    page = _drive_page(server, test_build_dir, "--segments", json.dumps(SCRIPT),
+                       "--screenshot", str(test_build_dir / "web_script.png"))
+    assert page["status"].startswith("done: 3 clips"), page
+    assert page["captions"] == [f"clip {i}: {s['caption']}" for i, s in enumerate(SCRIPT)]
+    assert page["wav_samples"] == round(21.0 * 32000)
+    t = np.arange(2 * 44100) / 44100
+    sf.write(tmp_path / "in.wav", (0.2 * np.sin(2 * np.pi * 500 * t)).astype(np.float32), 44100, subtype="PCM_16")
+    page = _drive_page(server, test_build_dir, "--audio", str(tmp_path / "in.wav"), "--total", "12",
+                       "--screenshot", str(test_build_dir / "web_continue.png"))
+    assert page["status"].startswith("done:"), page
+    assert page["wav_samples"] and page["captions"]

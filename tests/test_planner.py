@@ -125,6 +125,98 @@ def test_no_complete_clip_is_a_typed_error(planner, reference, sample_instructio
     assert e.value.text  # the generated text travels with the error, for the log
 
 
+# ---- script mode and continuation ----------------------------------------------------------------
+
+def test_forced_script_hidden_states_equal_a_transformers_forward(planner, reference):
+    import json
+
+    from audiostory_ensemble import script
+
+    p, _ = planner
+    segments = script.parse_segments(json.dumps([
+        {"start": 0.5, "end": 6.0, "caption": "a dog barks twice"},
+        {"start": 6.0, "end": 40.0, "caption": "heavy rain drums on a tin roof"}]), 600)
+    request = PlanRequest("", 40.0, script=script.plan_clips(segments), request_id="script")
+    clips = run_plan(planner, request)
+    assert [c.caption for c in clips] == ["a dog barks twice"] + ["heavy rain drums on a tin roof"] * 2
+    assert [c.start_s for c in clips] == [0.5, 6.0, 23.0] and [c.is_last for c in clips] == [False, False, True]
+    summary = p.summaries["script"]
+    assert p.tokenizer.decode(summary.generated_ids).startswith("<|/think|><|gen|>a dog barks twice<timestamp>5.5<")
+    # The instruction was built from the captions; the hidden states are one forward's.
+    assert "a dog barks twice, then heavy rain drums on a tin roof." in p.tokenizer.decode(summary.prompt_ids)
+    hidden = reference.hidden_states(summary.prompt_ids + summary.generated_ids)[len(summary.prompt_ids):].numpy()
+    plan = parse_plan(summary.generated_ids, p.tok, p.tokenizer.decode)
+    n, m = p.tok.n, p.tok.m
+    for clip, span in zip(clips, plan.clips):
+        np.testing.assert_allclose(clip.sem, hidden[span.t5_pos:span.t5_pos + n], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(clip.res, hidden[span.aud_pos:span.aud_pos + m], rtol=0, atol=1e-4)
+
+
+def test_continuation_prompt_embeds_equal_a_transformers_inputs_embeds_forward(planner, reference, converted):
+    from audiostory_ensemble.planner import load_audio_encoder
+
+    p, _ = planner
+    encoder = load_audio_encoder(converted)
+    t = np.arange(int(2.5 * 44100)) / 44100
+    audio = np.stack([np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 220 * t)]).astype(np.float32)
+    rows = encoder(audio, 44100)
+    assert rows.shape == (converted.config.audio_tokens, converted.config.llm.hidden_size)
+    caption, total = "a day at the seaside: waves crash on a rocky shore, then a dog barks twice.", 20.0
+    clips = run_plan(planner, PlanRequest(caption, total, audio_rows=rows, request_id="continue"))
+    assert clips and clips[-1].is_last
+    summary = p.summaries["continue"]
+    prompt_text = p.tokenizer.decode(summary.prompt_ids)
+    assert "<|im_start|>user\n<aud><aud_00000>" in prompt_text
+    assert "Understand the input audio, infer the subsequent events, and generate the continued audio of " \
+           "a day at the seaside" in prompt_text and "The total duration is 20.0 seconds." in prompt_text
+    ids = summary.prompt_ids + summary.generated_ids
+    embeds = p.prompt_embeds(ids, PlanRequest(caption, total, audio_rows=rows))
+    pos = p.audio_positions(ids)
+    np.testing.assert_array_equal(embeds[pos:pos + rows.shape[0]].numpy(), rows)
+    hidden = reference.hidden_states(ids, inputs_embeds=embeds)[len(summary.prompt_ids):].numpy()
+    plan = parse_plan(summary.generated_ids, p.tok, p.tokenizer.decode)
+    n, m = p.tok.n, p.tok.m
+    for clip, span in zip(clips, plan.clips):
+        np.testing.assert_allclose(clip.sem, hidden[span.t5_pos:span.t5_pos + n], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(clip.res, hidden[span.aud_pos:span.aud_pos + m], rtol=0, atol=1e-4)
+    # The audio is heard: the placeholder tokens' own embeddings give other hidden states.
+    plain = reference.hidden_states(ids)[len(summary.prompt_ids):].numpy()
+    span = plan.clips[0]
+    assert np.abs(plain[span.t5_pos:span.t5_pos + n] - clips[0].sem).max() > 1e-3
+
+
+def test_audio_encoder_slices_positions_and_matches_the_full_window(converted):
+    import torch
+
+    from audiostory_ensemble.planner import load_audio_encoder
+
+    enc = load_audio_encoder(converted)
+    short = enc.features(np.random.default_rng(0).standard_normal(int(3.2 * 16000)).astype(np.float32))
+    assert short.shape[-1] == 320 and enc.encode(short).shape[1] == 160
+    odd = enc.features(np.zeros(int(3.21 * 16000), np.float32))
+    assert odd.shape[-1] == 321 and enc.encode(odd).shape[1] == 161
+    # At the full 30 s window the sliced path is transformers' own encoder forward.
+    full = enc.features(np.random.default_rng(1).standard_normal(30 * 16000).astype(np.float32))
+    assert full.shape[-1] == 3000
+    with torch.no_grad():
+        theirs = enc.encoder(full).last_hidden_state
+    np.testing.assert_allclose(enc.encode(full).numpy(), theirs.numpy(), rtol=0, atol=1e-5)
+
+
+def test_continuation_without_an_audio_encoder_is_a_clear_error(planner, converted):
+    from dataclasses import replace
+
+    p, _ = planner
+    cfg = replace(converted.config, audio_tokens=0)
+    text_only = Planner.__new__(Planner)
+    text_only.__dict__.update(p.__dict__)
+    text_only.converted = type(converted)(converted.root)
+    text_only.converted.__dict__["config"] = cfg
+    with pytest.raises(ValueError, match="no audio encoder"):
+        run_plan((text_only, planner[1]), PlanRequest("rain", 10.0, audio_rows=np.zeros((8, 128), np.float32)))
+
+
+# Last in the module: it kills the shared engines.
 def test_a_dead_engine_is_an_error_not_a_hang(planner, sample_instructions):
     """Runs last in this module: it kills the engines' processes."""
     import os

@@ -165,9 +165,14 @@ def test_bridge_dit_t5_keys_and_shapes(release_state):
     from transformers import T5Config, T5EncoderModel
 
     prefixes = (layout.PROJECTOR_PREFIX, layout.AUDIO_PROJECTOR_PREFIX, layout.FUSION_PREFIX, layout.DIT_PREFIX,
-                layout.FC_PREFIX, layout.DURATION_PREFIX, layout.T5_PREFIX, layout.LLM_PREFIX)
+                layout.FC_PREFIX, layout.DURATION_PREFIX, layout.T5_PREFIX, layout.LLM_PREFIX,
+                layout.AUDIO_RESAMPLER_PREFIX)
     assert all(any(k.startswith(p) for p in prefixes) for k in release_state)
     h = TINY.llm.hidden_size
+    r = layout.AUDIO_RESAMPLER_PREFIX + "aud_projector."
+    assert {k for k in release_state if k.startswith(layout.AUDIO_RESAMPLER_PREFIX)} == {
+        r + "0.weight", r + "0.bias", r + "2.weight", r + "2.bias"}
+    assert tuple(release_state[r + "2.weight"].shape) == (h, h)
     for p in (layout.PROJECTOR_PREFIX, layout.AUDIO_PROJECTOR_PREFIX):
         assert tuple(release_state[p + "0.weight"].shape) == (1024, h)
         assert tuple(release_state[p + "2.weight"].shape) == (1024, 1024)

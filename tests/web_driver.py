@@ -1,7 +1,7 @@
 """Drive the web playground in headless Chromium (run with the web venv's python).
 
     python tests/web_driver.py --triton-url HOST:PORT --instruction "..." --total 20 --steps 4 \
-        --screenshot build/tests/web_playground.png
+        [--segments JSON] [--audio FILE] --screenshot build/tests/web_playground.png
 
 Starts `python -m web` on a free loopback port, submits the form, waits for the story, and prints
 one JSON line: status text, the captions shown in the clip players, the story player's length
@@ -41,8 +41,10 @@ def browser():
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--triton-url", required=True)
-    ap.add_argument("--instruction", required=True)
-    ap.add_argument("--total", type=float, required=True)
+    ap.add_argument("--instruction", default="")
+    ap.add_argument("--segments", default="", help="script mode: SEGMENTS JSON typed into the script box")
+    ap.add_argument("--audio", default="", help="continuation: an audio file uploaded to the page")
+    ap.add_argument("--total", type=float, default=None)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--screenshot", required=True)
     ap.add_argument("--timeout", type=float, default=300)
@@ -71,8 +73,20 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise RuntimeError("the form did not render")
             time.sleep(0.2)
-        d.find_element(By.CSS_SELECTOR, "#instruction textarea").send_keys(args.instruction)
+        if args.instruction:
+            d.find_element(By.CSS_SELECTOR, "#instruction textarea").send_keys(args.instruction)
+        if args.segments:
+            d.find_element(By.CSS_SELECTOR, "#segments textarea").send_keys(args.segments)
+        if args.audio:
+            d.find_element(By.CSS_SELECTOR, "#input-audio input[type=file]").send_keys(str(Path(args.audio).resolve()))
+            deadline = time.monotonic() + 60
+            while not d.find_elements(By.CSS_SELECTOR, "#input-audio audio, #input-audio time"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the uploaded audio did not show up")
+                time.sleep(0.3)
         for eid, value in (("total", args.total), ("steps", args.steps)):
+            if value is None:
+                continue
             box = d.find_element(By.CSS_SELECTOR, f"#{eid} input")
             box.clear()
             box.send_keys(str(value))

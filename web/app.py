@@ -60,22 +60,38 @@ def waveform_png(audio: np.ndarray, starts: list[float], captions: list[str], pa
     return path
 
 
+def audio_from_upload(data: np.ndarray) -> np.ndarray:
+    """gradio's numpy audio ([T] or [T, C], integer PCM or float) -> float32 [C, T] in [-1, 1]."""
+    a = np.asarray(data)
+    scale = float(np.iinfo(a.dtype).max) + 1.0 if a.dtype.kind in "iu" else 1.0
+    a = a.astype(np.float32) / scale
+    return np.ascontiguousarray(a[None] if a.ndim == 1 else a.T)
+
+
 def build(triton_url: str):
     import gradio as gr
 
     workdir = Path(tempfile.mkdtemp(prefix="audiostory-web-"))
 
-    def generate(instruction, total_duration, guidance, seed, steps):
+    def generate(instruction, total_duration, guidance, seed, steps, segments, input_audio):
         empty_clips = [gr.update(value=None, visible=False, label=f"clip {i}") for i in range(MAX_CLIPS)]
         status = "planning…"
         yield [status, gr.update(value=[]), None, None, None, *empty_clips]
         story = StoryAssembler()
         t0 = time.perf_counter()
         client = AudioStoryClient(triton_url)
+        params = dict(guidance=float(guidance), seed=int(seed), num_steps=int(steps))
+        if segments and segments.strip():     # script mode: the timeline sets the length
+            params["segments"] = segments
+        else:
+            params["total_duration"] = float(total_duration)
+        if input_audio is not None:           # continuation: (rate, [T] or [T, C]) from the upload
+            rate, data = input_audio
+            params["input_audio"], params["input_sample_rate"] = audio_from_upload(data), int(rate)
         try:
-            for clip in client.stream(instruction, total_duration=float(total_duration), guidance=float(guidance),
-                                      seed=int(seed), num_steps=int(steps)):
-                story.add(clip.index, clip.caption, clip.audio, clip.start_s, clip.duration_s, clip.is_last)
+            for clip in client.stream(instruction or None, **params):
+                story.add(clip.index, clip.caption, clip.audio, clip.start_s, clip.duration_s, clip.is_last,
+                          clip.plan)
                 if clip.index < MAX_CLIPS:
                     empty_clips[clip.index] = gr.update(
                         value=(OUTPUT_SAMPLE_RATE, np.ascontiguousarray(clip.audio.T)), visible=True,
@@ -106,6 +122,12 @@ def build(triton_url: str):
             guidance = gr.Number(label="Guidance", value=DEFAULT_GUIDANCE, elem_id="guidance")
             seed = gr.Number(label="Seed", value=DEFAULT_SEED, precision=0, elem_id="seed")
             steps = gr.Number(label="Steps", value=DEFAULT_NUM_STEPS, precision=0, elem_id="steps")
+        with gr.Row():
+            segments = gr.Textbox(label="Script (optional): SEGMENTS as JSON — dubs this timeline; the "
+                                  "instruction may stay empty", lines=3, elem_id="segments",
+                                  placeholder='[{"start": 0.5, "end": 6.0, "caption": "a door creaks open"}]')
+            input_audio = gr.Audio(label="Continue this audio (optional, at most 30 s)", type="numpy",
+                                   sources=["upload"], elem_id="input-audio")
         run = gr.Button("Generate", variant="primary", elem_id="generate")
         status = gr.Markdown(elem_id="status")
         plan = gr.Dataframe(headers=PLAN_HEADERS, label="Plan", elem_id="plan", interactive=False)
@@ -115,7 +137,7 @@ def build(triton_url: str):
         download = gr.File(label="Download WAV", elem_id="download", interactive=False)
         clip_players = [gr.Audio(label=f"clip {i}", visible=False, interactive=False, elem_id=f"clip-{i}")
                         for i in range(MAX_CLIPS)]
-        run.click(generate, [instruction, total, guidance, seed, steps],
+        run.click(generate, [instruction, total, guidance, seed, steps, segments, input_audio],
                   [status, plan, story_audio, picture, download, *clip_players])
     return page
 

@@ -54,7 +54,7 @@ class TritonPythonModel:
             get = lambda name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()  # noqa: E731
             story.add(int(get(I.CLIP_INDEX.name)[0]), get(I.CAPTION.name)[0].decode(), audio.as_numpy(),
                       float(get(I.CLIP_START_S.name)[0]), float(get(I.CLIP_DURATION_S.name)[0]),
-                      bool(get(I.IS_LAST.name)[0]))
+                      bool(get(I.IS_LAST.name)[0]), get(I.CLIP_PLAN.name)[0])
         try:
             result = story.finish()
         except ValueError as e:
@@ -64,4 +64,5 @@ class TritonPythonModel:
             pb_utils.Tensor(I.CAPTIONS.name, np.array([c.encode() for c in result.captions], dtype=np.object_)),
             pb_utils.Tensor(I.CLIP_STARTS_S.name, np.array(result.starts, dtype=np.float32)),
             pb_utils.Tensor(I.CLIP_DURATIONS_S.name, np.array(result.durations, dtype=np.float32)),
+            pb_utils.Tensor(I.PLAN.name, np.array([result.plan_json().encode()], dtype=np.object_)),
         ])

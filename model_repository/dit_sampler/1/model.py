@@ -144,5 +144,6 @@ class TritonPythonModel:
             pb_utils.Tensor("CLIP_START_S", np.array([meta.start_s], dtype=np.float32)),
             pb_utils.Tensor("CLIP_DURATION_S", np.array([meta.duration_s], dtype=np.float32)),
             pb_utils.Tensor("IS_LAST", np.array([meta.is_last], dtype=np.bool_)),
+            pb_utils.Tensor("PLAN", np.array([json.dumps(meta.plan_entry()).encode()], dtype=np.object_)),
         ]), flags=FINAL)
         self.metrics.clip_done(meta.request_id, meta.arrival, meta.duration_s)

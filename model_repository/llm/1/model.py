@@ -26,7 +26,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from audiostory_ensemble import control, serving  # noqa: E402
 from audiostory_ensemble.metrics import StageMetrics  # noqa: E402
 from audiostory_ensemble.config import CROSSFADE_S  # noqa: E402
-from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest  # noqa: E402
+from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest, load_audio_encoder  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -43,6 +43,7 @@ class TritonPythonModel:
         self.limits = serving.Limits(**json.loads(_param(args, "limits", "{}")))
         self.loop = serving.LoopThread("llm-loop")
         self.planner = Planner.from_model(_param(args, "checkpoint"), options)
+        self.audio_encoder = load_audio_encoder(self.planner.converted)   # None: text only
         self.loop.run(self.planner.start())
         serving.guard_children()
         self.metrics = StageMetrics(pb_utils, "llm")
@@ -93,18 +94,29 @@ class TritonPythonModel:
                 self.plans_by_key.pop(key, None)
 
     async def _plan(self, key, params, sender, arrival):
-        req = PlanRequest(params.instruction, params.total_duration, params.seed, params.duration_policy)
         sent_final = False
         clips = 0
+        req = None
         try:
+            rows = None
+            if params.input_audio is not None:
+                if self.audio_encoder is None:
+                    raise serving.RequestError(
+                        "INPUT_AUDIO: this checkpoint has no audio encoder (the released text-to-audio weights "
+                        "carry none), so it cannot continue audio")
+                rows = await asyncio.to_thread(self.audio_encoder, params.input_audio, params.input_sample_rate)
+            req = PlanRequest.from_params(params, rows)
             async with contextlib.aclosing(self.planner.plan(req)) as plan:  # closing aborts in vLLM
                 async for clip in plan:
                     if sender.is_cancelled():
                         raise asyncio.CancelledError
+                    sc = clip.script
                     meta = serving.ClipMeta(
                         req.request_id, clip.index, clip.caption, clip.start_s, clip.duration,
-                        serving.clip_render_duration(clip.duration, clip.is_last, CROSSFADE_S),
-                        clip.is_last, params.guidance, params.seed, params.num_steps, arrival, key)
+                        sc.render_s if sc else serving.clip_render_duration(clip.duration, clip.is_last, CROSSFADE_S),
+                        clip.is_last, params.guidance, params.seed, params.num_steps, arrival, key,
+                        fade_in=bool(sc and sc.fade_in), fade_out=bool(sc and sc.fade_out),
+                        timeline_s=params.total_duration if sc else 0.0)
                     response = pb_utils.InferenceResponse([
                         pb_utils.Tensor("_SEM", clip.sem.astype(np.float32)),
                         pb_utils.Tensor("_RES", clip.res.astype(np.float32)),
@@ -119,11 +131,13 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001 - every failure becomes an error response
             self.logger.log_error(f"llm: request {key}: {type(e).__name__}: {e}")
             if not sent_final:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+                code = pb_utils.TritonError.INVALID_ARG if isinstance(e, serving.RequestError) else None
+                error = pb_utils.TritonError(str(e)) if code is None else pb_utils.TritonError(str(e), code)
+                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
                 sent_final = True
         if not sent_final:
             sender.send(flags=FINAL)
-        summary = self.planner.summaries.get(req.request_id)
+        summary = self.planner.summaries.get(req.request_id) if req is not None else None
         if summary is not None:
             self.metrics.plan_done(len(summary.generated_ids), clips)
 
