@@ -64,6 +64,19 @@ class EngineOptions:
     max_num_seqs: int = 64
     enable_prefix_caching: bool = True
     seed: int = 0
+    # The disaggregated tier: both URLs set = no engines in-process, vLLM OpenAI servers instead
+    # (see remote_llm.py); the servers run the converted llm folder under `remote_model`.
+    generate_url: str = ""
+    pooling_url: str = ""
+    remote_model: str = "audiostory-llm"
+    remote_timeout_s: float = 600.0
+    remote_retries: int = 2
+
+    @property
+    def remote(self) -> bool:
+        if bool(self.generate_url) != bool(self.pooling_url):
+            raise ValueError("engine options: set both generate_url and pooling_url (the remote LLM tier) or neither")
+        return bool(self.generate_url)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "EngineOptions":
@@ -166,6 +179,15 @@ class Planner:
         return AsyncEngineArgs(**kw)
 
     async def start(self) -> "Planner":
+        o = self.options
+        if o.remote:
+            from .remote_llm import RemoteGenerateEngine, RemotePoolingEngine
+
+            self.generate_engine = RemoteGenerateEngine(o.generate_url, o.remote_model, o.remote_timeout_s,
+                                                        o.remote_retries)
+            self.pooling_engine = RemotePoolingEngine(o.pooling_url, o.remote_model, o.remote_timeout_s,
+                                                      o.remote_retries)
+            return self
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.options.kv_cache_gib))))
@@ -256,6 +278,9 @@ class Planner:
             raise PlannerError("planner not started")
         if request.duration_policy not in DURATION_POLICIES:
             raise ValueError(f"duration_policy must be one of {DURATION_POLICIES}, got {request.duration_policy!r}")
+        if request.audio_rows is not None and self.options.remote:
+            raise ValueError("INPUT_AUDIO: audio continuation needs the embedded LLM engines; this server's LLM "
+                             "tier is remote (token ids only)")
         if request.audio_rows is not None and not self.hears_audio:
             raise ValueError("INPUT_AUDIO: this checkpoint has no audio encoder (the released text-to-audio "
                              "weights carry none), so it cannot continue audio")

@@ -238,9 +238,27 @@ def clip_render_duration(duration: float, is_last: bool, crossfade: float) -> fl
 # Batched onnxruntime runner (the CPU form of dit_step / vae_decoder)
 # ------------------------------------------------------------------------------------------------
 
-def ort_session(path: str | Path, threads: int = 0):
-    """An onnxruntime session (CUDA EP where present). Spinning is off so that idle ORT threads do
-    not steal CPU from torch or other sessions in the same process."""
+def instance_gpu(args: dict) -> int | None:
+    """The GPU Triton gave this model instance (``KIND_GPU``), or None (CPU / ``KIND_MODEL``)."""
+    if str(args.get("model_instance_kind", "")).upper() != "GPU":
+        return None
+    return int(args.get("model_instance_device_id", 0))
+
+
+def visible_gpus(args: dict, configured: list[int] | None) -> str | None:
+    """What ``CUDA_VISIBLE_DEVICES`` a model that starts its own GPU work (vLLM) must see: the
+    configured set (``llm_gpus``, e.g. two for tensor parallelism), else the instance's own GPU,
+    else None (leave the environment alone: CPU, or one GPU visible). Never silently GPU 0."""
+    if configured:
+        return ",".join(str(int(g)) for g in configured)
+    gpu = instance_gpu(args)
+    return None if gpu is None else str(gpu)
+
+
+def ort_session(path: str | Path, threads: int = 0, device_id: int | None = None):
+    """An onnxruntime session (CUDA EP where present, on ``device_id`` — the instance's GPU).
+    Spinning is off so that idle ORT threads do not steal CPU from torch or other sessions in the
+    same process."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -249,7 +267,11 @@ def ort_session(path: str | Path, threads: int = 0):
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    available = ort.get_available_providers()
+    providers: list = []
+    if "CUDAExecutionProvider" in available:
+        providers.append(("CUDAExecutionProvider", {"device_id": int(device_id or 0)}))
+    providers.append("CPUExecutionProvider")
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
 
@@ -261,8 +283,8 @@ class OnnxBatchRunner:
     ``[b, 1]`` and are flattened.
     """
 
-    def __init__(self, path: str | Path, threads: int = 0):
-        self.session = ort_session(path, threads)
+    def __init__(self, path: str | Path, threads: int = 0, device_id: int | None = None):
+        self.session = ort_session(path, threads, device_id)
         self.inputs = [(i.name, len(i.shape)) for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 

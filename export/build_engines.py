@@ -17,6 +17,7 @@ Without TensorRT or without a GPU it stops with one clear sentence (exit code 2)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max", type=int, default=16)
     ap.add_argument("--workspace-gib", type=float, default=8.0)
     ap.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=GRAPHS)
+    ap.add_argument("--force", action="store_true", help="rebuild even if a cached plan matches")
     args = ap.parse_args(argv)
     try:
         profile = Profile(args.min, args.opt, args.max)
@@ -190,7 +192,16 @@ def main(argv: list[str] | None = None) -> int:
             if not src.exists():
                 raise BuildError(f"{src} not found: run `make export MODEL={args.model}` first")
             settings = build_settings(graph, args.precision, profile, trt.__version__, cc, args.workspace_gib)
+            # The plan's name carries TensorRT version, GPU, precision and profile; a sidecar holds
+            # the ONNX graph's hash. Both the same: the cached plan is this build (container restarts).
+            plan, stamp = out / settings.engine_name, out / (settings.engine_name + ".onnx-sha256")
+            digest = hashlib.sha256(src.read_bytes()).hexdigest()
+            if not args.force and plan.exists() and stamp.exists() and stamp.read_text().strip() == digest:
+                print(f"{plan.name}: cached (same ONNX, TensorRT, GPU)")
+                built[graph] = plan.name
+                continue
             built[graph] = build(src, out, settings, trt).name
+            stamp.write_text(digest + "\n")
         (out / "engines.json").write_text(json.dumps(
             {"precision": args.precision, "profile": vars(profile), "tensorrt": trt.__version__,
              "compute_capability": list(cc), "engines": built}, indent=2) + "\n")

@@ -43,6 +43,7 @@ PROFILES = {
         "full_max_queue": 16, "full_queue_timeout_s": 120,
         "engine_options": {"dtype": "float32", "max_model_len": 2048, "kv_cache_gib": 1, "enforce_eager": True},
         "limits": {},
+        "llm_gpus": [], "dit_gpus": [], "vae_gpus": [],
     },
     "gpu": {
         "dit_max_batch": 16, "dit_queue_delay_us": 1000, "dit_instances": 1, "dit_threads": 0,
@@ -54,6 +55,9 @@ PROFILES = {
                            "pooling_gpu_memory_utilization": 0.15, "enforce_eager": False},
         "engines": {"dit_step": None, "vae_decoder": None},   # plan file names, from engines.json
         "limits": {},
+        # Placement: the GPUs vLLM sees (several for tensor_parallel_size > 1), and the GPUs the
+        # DiT-step / VAE instances go on ([] = Triton's default: `count` instances on every GPU).
+        "llm_gpus": [], "dit_gpus": [], "vae_gpus": [],
     },
 }
 
@@ -61,6 +65,21 @@ PROFILES = {
 def _json_literal(obj) -> str:
     """A protobuf text string literal holding compact JSON."""
     return json.dumps(json.dumps(obj, separators=(",", ":")))
+
+
+def _gpu_list(settings: dict, key: str) -> list[int]:
+    value = settings.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in value):
+        raise SystemExit(f"make_repo: {key} must be a list of GPU indices (integers >= 0), got {value!r}")
+    return value
+
+
+def _gpus_clause(settings: dict, key: str, gpu: bool) -> str:
+    """`` gpus: [ 0, 1 ]`` for an instance group, or nothing (Triton's default placement)."""
+    gpus = _gpu_list(settings, key)
+    if gpus and not gpu:
+        raise SystemExit(f"make_repo: {key} needs the gpu profile (the cpu profile runs on KIND_CPU)")
+    return f" gpus: [ {', '.join(str(g) for g in gpus)} ]" if gpus else ""
 
 
 def _tensor_lines(tensors, optional=None) -> str:
@@ -104,6 +123,9 @@ def fields(profile: str, settings: dict, checkpoint: Path) -> dict:
         "llm_kind": "KIND_MODEL" if gpu else "KIND_CPU",
         "engine_kind": "KIND_GPU" if gpu else "KIND_CPU",
         "dit_inputs": dit_input_lines(cfg.num_t5_tokens, tensorrt=gpu),
+        "llm_gpus": json.dumps(_gpu_list(settings, "llm_gpus")),   # a JSON list inside a pbtxt string
+        "dit_gpus": _gpus_clause(settings, "dit_gpus", gpu),
+        "vae_gpus": _gpus_clause(settings, "vae_gpus", gpu),
     }
     for key in ("dit_max_batch", "dit_queue_delay_us", "dit_instances", "vae_max_batch", "vae_queue_delay_us",
                 "vae_instances", "bridge_instances", "full_instances", "clips_in_flight_per_request",
@@ -150,7 +172,11 @@ def make_repo(profile: str, model: str, out: Path, settings_path: Path | None = 
         unknown = set(overrides) - set(settings)
         if unknown:
             raise SystemExit(f"make_repo: unknown setting(s) {sorted(unknown)}; known: {sorted(settings)}")
-        settings.update(overrides)
+        for key, value in overrides.items():   # dict settings (engine_options, limits) merge key by key
+            if isinstance(value, dict) and isinstance(settings.get(key), dict):
+                settings[key] = {**settings[key], **value}
+            else:
+                settings[key] = value
     checkpoint = layout.converted_dir(model) if not Path(model).exists() else Path(model).resolve()
     onnx_dir = Path(onnx_dir).resolve() if onnx_dir else layout.export_dir(model)
     engines_dir = layout.BUILD / "engines" / model

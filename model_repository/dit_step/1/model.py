@@ -5,14 +5,15 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble.metrics import StageMetrics
-from audiostory_ensemble.serving import OnnxBatchRunner
+from audiostory_ensemble.serving import OnnxBatchRunner, instance_gpu
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = json.loads(args["model_config"]).get("parameters", {})
         self.runner = OnnxBatchRunner(params["onnx_path"]["string_value"],
-                                      int(params.get("threads", {}).get("string_value", "0")))
+                                      int(params.get("threads", {}).get("string_value", "0")),
+                                      instance_gpu(args))   # the GPU Triton placed this instance on
         self.name = args["model_name"]
         self.metrics = StageMetrics(pb_utils, self.name)
 

@@ -39,6 +39,10 @@ def _param(args, key, default=None):
 class TritonPythonModel:
     def initialize(self, args):
         self.logger = pb_utils.Logger
+        # Before any CUDA use: vLLM sees the configured GPU set (or this instance's GPU), not GPU 0.
+        gpus = serving.visible_gpus(args, json.loads(_param(args, "gpus", "[]")))
+        if gpus is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus
         options = EngineOptions.from_dict(json.loads(_param(args, "engine_options", "{}")))
         self.limits = serving.Limits(**json.loads(_param(args, "limits", "{}")))
         self.loop = serving.LoopThread("llm-loop")
@@ -49,7 +53,9 @@ class TritonPythonModel:
         self.metrics = StageMetrics(pb_utils, "llm")
         self.plans_by_key: dict[str, set] = {}     # story key -> futures of its plan coroutines
         self.cancelled = serving.CancelRegistry()   # a cancel may overtake its story's request
-        self.logger.log_info(f"llm: engines ready on {self.planner.converted.llm_dir}")
+        where = (f"remote: generate {options.generate_url}, pooling {options.pooling_url}" if options.remote
+                 else f"in-process on {self.planner.converted.llm_dir}, CUDA_VISIBLE_DEVICES={gpus}")
+        self.logger.log_info(f"llm: engines ready ({where})")
 
     def execute(self, requests):
         for request in requests:

@@ -1,0 +1,155 @@
+"""The disaggregated LLM tier: the planner's two engines as separate vLLM OpenAI-compatible servers.
+
+- the **generate server** (``vllm serve <converted>/llm``): ``POST /v1/completions`` with the prompt
+  as token ids, greedy, the checkpoint's repetition penalty, the stop ids, ``return_token_ids`` —
+  token ids in, token ids out, no detokenisation on our side;
+- the **pooling server** (``vllm serve <converted>/llm --runner pooling --convert embed
+  --pooler-config '{"task": "token_embed", "tok_pooling_type": "ALL", "use_activation": false}'``):
+  ``POST /pooling`` with ``task = token_embed``: the last-layer hidden state of every position.
+
+Both classes answer the two calls the planner makes on vLLM's ``AsyncLLM`` (``generate`` /
+``encode`` as async iterators, ``abort``, ``shutdown``), so the planner's logic — forced runs,
+clip release, cancellation — is the same code in both modes. A cancelled plan closes its HTTP
+requests, which vLLM's server takes as an abort. Connection failures and 5xx answers are retried
+(``retries``, exponential back-off); a request that does not finish within ``timeout_s`` fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import numpy as np
+
+
+class RemoteEngineError(RuntimeError):
+    """A remote vLLM server failed or could not be reached (the message names it)."""
+
+
+class _RemoteServer:
+    def __init__(self, url: str, model: str, timeout_s: float, retries: int, what: str):
+        self.url = url.rstrip("/")
+        self.model = model
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.what = what
+        self._session = None
+        self._tasks: dict[str, set[asyncio.Task]] = {}
+
+    async def _post(self, path: str, body: dict) -> dict:
+        import aiohttp
+
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        delay = 0.2
+        for attempt in range(self.retries + 1):
+            try:
+                async with self._session.post(self.url + path, json=body) as r:
+                    text = await r.text()
+                    if r.status == 200:
+                        return json.loads(text)
+                    if r.status < 500 or attempt == self.retries:
+                        raise RemoteEngineError(f"{self.what} at {self.url}{path}: HTTP {r.status}: {text[:300]}")
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                if attempt == self.retries:
+                    raise RemoteEngineError(f"{self.what} at {self.url} unreachable after {self.retries + 1} "
+                                            f"attempt(s): {type(e).__name__}: {e}") from None
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise RemoteEngineError(f"{self.what} at {self.url}: no answer")
+
+    @staticmethod
+    def _token_ids(prompt: dict) -> list[int]:
+        if "prompt_token_ids" not in prompt:
+            raise RemoteEngineError("the remote LLM tier takes token ids only (audio continuation needs the "
+                                    "embedded engines)")
+        return [int(t) for t in prompt["prompt_token_ids"]]
+
+    async def _tracked(self, request_id: str, coro):
+        task = asyncio.ensure_future(coro)
+        self._tasks.setdefault(request_id, set()).add(task)
+        try:
+            return await task
+        finally:
+            tasks = self._tasks.get(request_id, set())
+            tasks.discard(task)
+            if not tasks:
+                self._tasks.pop(request_id, None)
+
+    async def abort(self, request_ids) -> None:
+        for rid in request_ids:
+            for task in list(self._tasks.get(rid, ())):
+                task.cancel()     # closes the HTTP request: the server aborts it
+
+    async def health(self) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            async with s.get(self.url + "/health") as r:
+                if r.status != 200:
+                    raise RemoteEngineError(f"{self.what} at {self.url}: /health answered {r.status}")
+
+    def shutdown(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            try:
+                asyncio.get_event_loop().create_task(session.close())
+            except RuntimeError:
+                pass
+
+
+class RemoteGenerateEngine(_RemoteServer):
+    """``generate(prompt, SamplingParams, request_id)`` over ``/v1/completions``: one output with
+    every token id of this part (the planner reads deltas; a single delta is all of them)."""
+
+    def __init__(self, url, model, timeout_s=600.0, retries=2):
+        super().__init__(url, model, timeout_s, retries, "vLLM generate server")
+
+    async def generate(self, prompt: dict, params, request_id: str):
+        body = {"model": self.model, "prompt": self._token_ids(prompt), "max_tokens": int(params.max_tokens),
+                "temperature": 0.0, "repetition_penalty": float(params.repetition_penalty),
+                "stop_token_ids": list(params.stop_token_ids or []), "skip_special_tokens": False,
+                "return_token_ids": True, "detokenize": False}
+        out = await self._tracked(request_id, self._post("/v1/completions", body))
+        ids = out["choices"][0].get("token_ids")
+        if ids is None:
+            raise RemoteEngineError(f"{self.what} at {self.url} returned no token_ids (vLLM too old?)")
+        yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=[int(t) for t in ids])], finished=True)
+
+
+class RemotePoolingEngine(_RemoteServer):
+    """``encode(prompt, PoolingParams, request_id)`` over ``/pooling`` with ``task = token_embed``."""
+
+    def __init__(self, url, model, timeout_s=120.0, retries=2):
+        super().__init__(url, model, timeout_s, retries, "vLLM pooling server")
+
+    async def encode(self, prompt: dict, params, request_id: str):
+        ids = self._token_ids(prompt)
+        body = {"model": self.model, "input": ids, "task": "token_embed",
+                "use_activation": False}
+        out = await self._tracked(request_id, self._post("/pooling", body))
+        data = np.asarray(out["data"][0]["data"], dtype=np.float32)
+        if data.ndim != 2 or data.shape[0] != len(ids):
+            raise RemoteEngineError(f"{self.what} at {self.url} returned shape {list(data.shape)} for "
+                                    f"{len(ids)} tokens: is it running token_embed "
+                                    "with tok_pooling_type ALL?")
+        yield SimpleNamespace(outputs=SimpleNamespace(data=data), finished=True)
+
+
+POOLER_CONFIG = '{"task":"token_embed","tok_pooling_type":"ALL","use_activation":false}'
+
+
+def server_command(python: str, llm_dir, role: str, port: int, model: str = "audiostory-llm",
+                   host: str = "127.0.0.1", extra: tuple[str, ...] = ()) -> list[str]:
+    """The ``vllm serve`` command line for one tier server (``role`` = generate | pooling); the
+    Helm chart's vLLM Deployments pass the same arguments."""
+    if role not in ("generate", "pooling"):
+        raise ValueError(f"role must be generate or pooling, got {role!r}")
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(llm_dir),
+           "--served-model-name", model, "--host", host, "--port", str(port), "--generation-config", "vllm",
+           "--seed", "0", *extra]
+    if role == "pooling":
+        cmd += ["--runner", "pooling", "--convert", "embed", "--no-enable-prefix-caching",
+                "--pooler-config", POOLER_CONFIG]
+    return cmd

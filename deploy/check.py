@@ -1,0 +1,124 @@
+"""Offline checks of the deployment artefacts (run with build/deploy-venv's python).
+
+    python deploy/check.py                 # everything; prints one JSON summary, exit 1 on a failure
+    python deploy/check.py --validate FILE # only: validate the manifests in FILE (a YAML stream)
+
+- the Helm chart renders (helm's Go engine via helm-python-sdk, no cluster, no network) for the
+  default values and for values-disaggregated.yaml, and `helm lint --strict` passes;
+- every rendered object validates strictly (unknown fields are errors) against the JSON schemas
+  of Kubernetes KUBE_VERSION (kubernetes-validate); kinds without a schema there are errors,
+  except the CRD kinds listed in ALLOWED_CRDS, which get a structural check;
+- the Dockerfile passes hadolint; the compose file validates against the compose-spec schema.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+DEPLOY = Path(__file__).resolve().parent
+CHART = DEPLOY / "helm" / "audiostory"
+KUBE_VERSION = "1.31.0"
+ALLOWED_CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+VALUE_SETS = {"default": [], "disaggregated": [CHART / "values-disaggregated.yaml"]}
+
+
+def render(values_files: list[Path]) -> list[dict]:
+    import helm_python as helm
+
+    values = {}
+    for f in values_files:
+        values = _merge(values, yaml.safe_load(f.read_text()) or {})
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(helm.values_from_yaml(yaml.safe_dump(values)), name="as", namespace="audiostory",
+                             is_install=True)
+    docs = []
+    for path, text in sorted(files.items()):
+        if path.endswith("NOTES.txt") or not text.strip():
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def lint(values_files: list[Path]) -> list[str]:
+    import helm_python as helm
+
+    values = {}
+    for f in values_files:
+        values = _merge(values, yaml.safe_load(f.read_text()) or {})
+    result = helm.lint(str(CHART), helm.values_from_yaml(yaml.safe_dump(values)), strict=True,
+                       kube_version=KUBE_VERSION)
+    return [str(e) for e in result.get("errors", [])]
+
+
+def validate(doc: dict) -> str | None:
+    """None if the object is valid for KUBE_VERSION, else the reason."""
+    import kubernetes_validate as kv
+
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    name = f"{key[1]} {doc.get('metadata', {}).get('name')}"
+    if key in ALLOWED_CRDS:
+        ok = isinstance(doc.get("metadata", {}).get("name"), str) and isinstance(doc.get("spec"), dict)
+        return None if ok else f"{name}: a {key[1]} needs metadata.name and spec"
+    try:
+        kv.validate(doc, KUBE_VERSION, strict=True)
+    except kv.ValidationError as e:
+        return f"{name}: {'/'.join(str(p) for p in e.path)}: {e.message}"
+    except kv.SchemaNotFoundError:
+        return f"{name}: no schema for {key[0]} {key[1]} in Kubernetes {KUBE_VERSION} (not an allowed CRD)"
+    return None
+
+
+def run_tool(args: list[str]) -> tuple[int, str]:
+    exe = shutil.which(args[0], path=str(Path(sys.executable).parent)) or shutil.which(args[0])
+    if exe is None:
+        return 127, f"{args[0]} not found (make setup installs it into build/deploy-venv)"
+    proc = subprocess.run([exe, *args[1:]], capture_output=True, text=True)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--validate", help="validate the manifests in this YAML file only")
+    args = ap.parse_args(argv)
+    if args.validate:
+        errors = [e for d in yaml.safe_load_all(Path(args.validate).read_text()) if d for e in [validate(d)] if e]
+        print(json.dumps({"errors": errors}))
+        return 1 if errors else 0
+    summary: dict = {"kube_version": KUBE_VERSION, "renders": {}, "errors": []}
+    for label, files in VALUE_SETS.items():
+        try:
+            docs = render(files)
+        except Exception as e:  # noqa: BLE001 - a render failure is a check failure
+            summary["errors"].append(f"render {label}: {type(e).__name__}: {e}")
+            continue
+        summary["renders"][label] = sorted(f"{d['apiVersion']}/{d['kind']}/{d['metadata']['name']}" for d in docs)
+        summary["errors"] += [f"{label}: {e}" for d in docs for e in [validate(d)] if e]
+        summary["errors"] += [f"lint {label}: {e}" for e in lint(files)]
+        summary.setdefault("objects", {})[label] = docs
+    rc, out = run_tool(["hadolint", "--no-color", "--failure-threshold", "info", str(DEPLOY / "Dockerfile")])
+    summary["hadolint"] = out or "clean"
+    if rc:
+        summary["errors"].append(f"hadolint: {out}")
+    rc, out = run_tool(["check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(DEPLOY / "compose.yaml")])
+    summary["compose"] = out
+    if rc:
+        summary["errors"].append(f"compose: {out}")
+    print(json.dumps(summary))
+    return 1 if summary["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
