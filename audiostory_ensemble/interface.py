@@ -67,7 +67,7 @@ CLIP_START_S = Tensor("CLIP_START_S", "FP32", (1,), "where the clip starts in th
 CLIP_DURATION_S = Tensor("CLIP_DURATION_S", "FP32", (1,), "the clip's duration in the story, seconds")
 IS_LAST = Tensor("IS_LAST", "BOOL", (1,), "true on the story's last clip")
 CLIP_PLAN = Tensor("PLAN", "BYTES", (1,), "JSON: the clip's plan entry (index, caption, start, duration, "
-                   "render, fade_in, fade_out, timeline); how to place it in the story")
+                   "render, fade_in, fade_out, timeline, mode); how to place it in the story")
 CLIP_OUTPUTS = (CLIP_AUDIO, CLIP_INDEX, CAPTION, CLIP_START_S, CLIP_DURATION_S, IS_LAST, CLIP_PLAN)
 
 # ---- whole-story outputs (`audiostory_full`) ---------------------------------------------------

@@ -213,12 +213,14 @@ class ClipMeta:
     fade_in: bool = False      # script mode: crossfaded from the previous clip
     fade_out: bool = False     # script mode: crossfaded into the next clip (render_s has the tail)
     timeline_s: float = 0.0    # script mode: the story's length (clips placed by start); 0 = joined
+    mode: str = "story"        # story | script | continuation (RequestParams.mode)
 
     def plan_entry(self) -> dict:
         """The clip's public plan entry (the ``PLAN`` output)."""
         return {"index": self.index, "caption": self.caption, "start": self.start_s,
                 "duration": self.duration_s, "render": self.render_s, "fade_in": self.fade_in,
-                "fade_out": self.fade_out, "is_last": self.is_last, "timeline": self.timeline_s}
+                "fade_out": self.fade_out, "is_last": self.is_last, "timeline": self.timeline_s,
+                "mode": self.mode}
 
     def encode(self) -> np.ndarray:
         return np.array([json.dumps(asdict(self)).encode()], dtype=np.object_)

@@ -35,7 +35,8 @@ class Story:
     def plan(self) -> dict:
         """The whole plan (the ``PLAN`` output of ``audiostory_full``)."""
         timeline = bool(self.clips and self.clips[0].plan.get("timeline"))
-        return {"mode": "script" if timeline else "story",
+        mode = self.clips[0].plan.get("mode") if self.clips else None
+        return {"mode": mode or ("script" if timeline else "story"),
                 "duration": round(self.audio.shape[1] / self.sample_rate, 6),
                 "clips": [c.plan or {"index": c.index, "caption": c.caption, "start": c.start_s,
                                      "duration": c.duration_s} for c in self.clips]}

@@ -308,7 +308,7 @@ def test_continuation_yields_a_story_of_the_documented_length(client, server):
                             input_sample_rate=22050, total_duration=20.0, num_steps=2, duration_policy="exact")
     # The output is the continuation alone, stitched like any story; TOTAL_DURATION is its length
     # (the input is not counted): exactly so under the `exact` policy.
-    assert len(story.clips) >= 1 and story.clips[-1].is_last
+    assert len(story.clips) >= 1 and story.clips[-1].is_last and story.plan["mode"] == "continuation"
     assert story.audio.shape[1] == stitched_length([c.plan["duration"] for c in story.clips])
     assert abs(sum(c.duration_s for c in story.clips) - 20.0) < 1e-3
     assert abs(story.audio.shape[1] - 20.0 * story.sample_rate) <= len(story.clips)

@@ -75,10 +75,19 @@ def main() -> int:
             time.sleep(0.2)
         if args.instruction:
             d.find_element(By.CSS_SELECTOR, "#instruction textarea").send_keys(args.instruction)
+        def element(css, timeout=60):
+            """The element once the page has rendered it (gradio mounts some inputs late)."""
+            end = time.monotonic() + timeout
+            while not d.find_elements(By.CSS_SELECTOR, css):
+                if time.monotonic() > end:
+                    raise RuntimeError(f"{css} did not render within {timeout} s")
+                time.sleep(0.2)
+            return d.find_element(By.CSS_SELECTOR, css)
+
         if args.segments:
-            d.find_element(By.CSS_SELECTOR, "#segments textarea").send_keys(args.segments)
+            element("#segments textarea").send_keys(args.segments)
         if args.audio:
-            d.find_element(By.CSS_SELECTOR, "#input-audio input[type=file]").send_keys(str(Path(args.audio).resolve()))
+            element("#input-audio input[type=file]").send_keys(str(Path(args.audio).resolve()))
             deadline = time.monotonic() + 60
             while not d.find_elements(By.CSS_SELECTOR, "#input-audio audio, #input-audio time"):
                 if time.monotonic() > deadline:

@@ -122,7 +122,7 @@ class TritonPythonModel:
                         sc.render_s if sc else serving.clip_render_duration(clip.duration, clip.is_last, CROSSFADE_S),
                         clip.is_last, params.guidance, params.seed, params.num_steps, arrival, key,
                         fade_in=bool(sc and sc.fade_in), fade_out=bool(sc and sc.fade_out),
-                        timeline_s=params.total_duration if sc else 0.0)
+                        timeline_s=params.total_duration if sc else 0.0, mode=params.mode)
                     response = pb_utils.InferenceResponse([
                         pb_utils.Tensor("_SEM", clip.sem.astype(np.float32)),
                         pb_utils.Tensor("_RES", clip.res.astype(np.float32)),
