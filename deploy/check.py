@@ -1,10 +1,11 @@
 """Offline checks of the deployment artefacts (run with build/deploy-venv's python).
 
-    python deploy/check.py                 # everything; prints one JSON summary, exit 1 on a failure
+    python deploy/check.py                 # everything; a summary, exit 1 on a failure (--json: all of it)
     python deploy/check.py --validate FILE # only: validate the manifests in FILE (a YAML stream)
 
 - the Helm chart renders (helm's Go engine via helm-python-sdk, no cluster, no network) for the
-  default values and for values-disaggregated.yaml, and `helm lint --strict` passes;
+  default values, values-disaggregated.yaml and values-object-store.yaml, and `helm lint --strict`
+  passes for each;
 - every rendered object validates strictly (unknown fields are errors) against the JSON schemas
   of Kubernetes KUBE_VERSION (kubernetes-validate); kinds without a schema there are errors,
   except the CRD kinds listed in ALLOWED_CRDS, which get a structural check;
@@ -25,7 +26,8 @@ DEPLOY = Path(__file__).resolve().parent
 CHART = DEPLOY / "helm" / "audiostory"
 KUBE_VERSION = "1.31.0"
 ALLOWED_CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
-VALUE_SETS = {"default": [], "disaggregated": [CHART / "values-disaggregated.yaml"]}
+VALUE_SETS = {"default": [], "disaggregated": [CHART / "values-disaggregated.yaml"],
+              "object-store": [CHART / "values-object-store.yaml"]}
 
 
 def render(values_files: list[Path]) -> list[dict]:
@@ -92,6 +94,7 @@ def run_tool(args: list[str]) -> tuple[int, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--validate", help="validate the manifests in this YAML file only")
+    ap.add_argument("--json", action="store_true", help="print everything (rendered objects too) as one JSON line")
     args = ap.parse_args(argv)
     if args.validate:
         errors = [e for d in yaml.safe_load_all(Path(args.validate).read_text()) if d for e in [validate(d)] if e]
@@ -116,7 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     summary["compose"] = out
     if rc:
         summary["errors"].append(f"compose: {out}")
-    print(json.dumps(summary))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for label, names in summary["renders"].items():
+            print(f"chart ({label} values): {len(names)} objects valid for Kubernetes {KUBE_VERSION}: {', '.join(names)}")
+        print(f"Dockerfile (hadolint): {summary['hadolint']}")
+        print(f"compose.yaml (compose-spec): {summary['compose']}")
+        for e in summary["errors"]:
+            print(f"ERROR: {e}")
+        print("deploy checks: " + ("FAILED" if summary["errors"] else "passed"))
     return 1 if summary["errors"] else 0
 
 

@@ -20,7 +20,7 @@ def check(*args):
 
 @pytest.fixture(scope="module")
 def rendered():
-    rc, summary, err = check()
+    rc, summary, err = check("--json")
     assert rc == 0, (summary.get("errors"), err[-2000:])
     return summary
 
@@ -59,6 +59,19 @@ def test_disaggregated_values_add_the_vllm_tier_and_point_the_llm_at_it(rendered
     pooling = _find(docs, "Deployment", "vllm-pooling")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--runner=pooling" in pooling and any("token_embed" in a for a in pooling)
     assert _find(docs, "Service", "vllm-generate")["spec"]["ports"][0]["port"] == 8100
+
+
+def test_object_store_values_fetch_the_release_and_keep_plans_on_a_pvc(rendered):
+    docs = rendered["objects"]["object-store"]
+    assert rendered["renders"]["object-store"] == [
+        "apps/v1/Deployment/as-audiostory", "v1/ConfigMap/as-audiostory-settings", "v1/Service/as-audiostory"]
+    spec = _find(docs, "Deployment")["spec"]
+    assert spec["replicas"] == 2
+    init = spec["template"]["spec"]["initContainers"][0]
+    assert init["command"][:3] == ["aws", "s3", "sync"] and init["envFrom"][0]["secretRef"]["name"] == "audiostory-s3"
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["release"]
+    assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "audiostory-engines"
 
 
 BAD = {
