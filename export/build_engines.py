@@ -17,7 +17,6 @@ Without TensorRT or without a GPU it stops with one clear sentence (exit code 2)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -186,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         onnx_dir = Path(args.onnx_dir) if args.onnx_dir else layout.export_dir(args.model)
         out = Path(args.out) if args.out else layout.BUILD / "engines" / args.model
         out.mkdir(parents=True, exist_ok=True)
+        manifest = onnx_dir / "manifest.json"
+        export_id = json.loads(manifest.read_text()).get("fingerprint", "") if manifest.exists() else ""
         built = {}
         for graph in args.graphs:
             src = onnx_dir / f"{graph}.onnx"
@@ -193,15 +194,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise BuildError(f"{src} not found: run `make export MODEL={args.model}` first")
             settings = build_settings(graph, args.precision, profile, trt.__version__, cc, args.workspace_gib)
             # The plan's name carries TensorRT version, GPU, precision and profile; a sidecar holds
-            # the ONNX graph's hash. Both the same: the cached plan is this build (container restarts).
-            plan, stamp = out / settings.engine_name, out / (settings.engine_name + ".onnx-sha256")
-            digest = hashlib.sha256(src.read_bytes()).hexdigest()
-            if not args.force and plan.exists() and stamp.exists() and stamp.read_text().strip() == digest:
-                print(f"{plan.name}: cached (same ONNX, TensorRT, GPU)")
+            # the export's fingerprint (checkpoint, exporter code and versions: the graph *and* its
+            # external weights). Both the same: the cached plan is this build (container restarts).
+            plan, stamp = out / settings.engine_name, out / (settings.engine_name + ".export-fingerprint")
+            if not args.force and export_id and plan.exists() and stamp.exists() \
+                    and stamp.read_text().strip() == export_id:
+                print(f"{plan.name}: cached (same export, TensorRT, GPU)")
                 built[graph] = plan.name
                 continue
             built[graph] = build(src, out, settings, trt).name
-            stamp.write_text(digest + "\n")
+            if export_id:
+                stamp.write_text(export_id + "\n")
+            else:   # no manifest to vouch for this plan: never reuse it
+                stamp.unlink(missing_ok=True)
         (out / "engines.json").write_text(json.dumps(
             {"precision": args.precision, "profile": vars(profile), "tensorrt": trt.__version__,
              "compute_capability": list(cc), "engines": built}, indent=2) + "\n")
