@@ -105,11 +105,9 @@ class PlanRequest:
     @classmethod
     def from_params(cls, params, audio_rows: np.ndarray | None = None, **kw) -> "PlanRequest":
         """From validated request params (``serving.RequestParams``): the instruction per mode."""
-        if params.segments:
-            return cls(params.instruction, params.total_duration, params.seed, params.duration_policy,
-                       script=script_mod.plan_clips(params.segments), **kw)
+        script = script_mod.plan_clips(params.segments) if params.segments else None
         return cls(params.instruction, params.total_duration, params.seed, params.duration_policy,
-                   audio_rows=audio_rows, **kw)
+                   script=script, audio_rows=audio_rows, **kw)
 
 
 @dataclass
@@ -210,10 +208,21 @@ class Planner:
         """The checkpoint has the audio-understanding path (Whisper encoder + resampler)."""
         return self.converted.config.audio_tokens > 0
 
+    @property
+    def continuation_refused(self) -> str:
+        """Why this planner cannot continue audio ("" when it can)."""
+        if not self.hears_audio:
+            return ("INPUT_AUDIO: this checkpoint has no audio encoder (the released text-to-audio weights "
+                    "carry none), so it cannot continue audio")
+        if self.options.remote:
+            return ("INPUT_AUDIO: audio continuation needs the embedded LLM engines; this server's LLM tier is "
+                    "remote (token ids only)")
+        return ""
+
     def instruction(self, request: PlanRequest) -> str:
-        if request.script is not None and not request.instruction.strip():
-            caption = script_mod.default_instruction([c.caption for c in request.script])
-            return build_instruction(caption, request.total_duration, request.seed)
+        if request.script is not None:
+            return build_instruction(script_mod.instruction_caption(request.instruction, request.script),
+                                     request.total_duration, request.seed)
         if request.audio_rows is not None:
             return continuation_instruction(request.instruction, request.total_duration)
         return build_instruction(request.instruction, request.total_duration, request.seed)
@@ -250,12 +259,11 @@ class Planner:
             return {"prompt_token_ids": ids}
         return {"prompt_embeds": self.prompt_embeds(ids, request)}
 
-    async def _hidden_states(self, ids: list[int], request_id: str, request: PlanRequest | None = None) -> np.ndarray:
+    async def _hidden_states(self, ids: list[int], request_id: str, request: PlanRequest) -> np.ndarray:
         from vllm import PoolingParams
 
         final = None
-        llm_input = {"prompt_token_ids": ids} if request is None else self._llm_input(ids, request)
-        async for out in self.pooling_engine.encode(llm_input,
+        async for out in self.pooling_engine.encode(self._llm_input(ids, request),
                                                     PoolingParams(task="token_embed", use_activation=False),
                                                     request_id):
             final = out
@@ -278,12 +286,8 @@ class Planner:
             raise PlannerError("planner not started")
         if request.duration_policy not in DURATION_POLICIES:
             raise ValueError(f"duration_policy must be one of {DURATION_POLICIES}, got {request.duration_policy!r}")
-        if request.audio_rows is not None and self.options.remote:
-            raise ValueError("INPUT_AUDIO: audio continuation needs the embedded LLM engines; this server's LLM "
-                             "tier is remote (token ids only)")
-        if request.audio_rows is not None and not self.hears_audio:
-            raise ValueError("INPUT_AUDIO: this checkpoint has no audio encoder (the released text-to-audio "
-                             "weights carry none), so it cannot continue audio")
+        if request.audio_rows is not None and self.continuation_refused:
+            raise ValueError(self.continuation_refused)
         if request.script is not None:
             async for clip in self._plan_script(request):
                 yield clip

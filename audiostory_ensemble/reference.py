@@ -172,6 +172,12 @@ class ReferencePipeline:
         """``[1, 645, 64]`` -> ``[2, 1320960]`` at 44.1 kHz."""
         return self.vae.decode(latent.transpose(2, 1)).sample[0].float().numpy()
 
+    def clip_audio(self, cond: torch.Tensor, render_s: float, guidance: float, num_steps: int, seed: int):
+        """One clip: its latent, and its audio rendered for ``render_s`` — trimmed, at 32 kHz."""
+        latent = self.render(cond, render_s, guidance, num_steps, seed)
+        audio = post.resample(post.trim(self.decode(latent), render_s), VAE_SAMPLE_RATE, OUTPUT_SAMPLE_RATE)
+        return latent, audio
+
     # -- the whole story --------------------------------------------------------------------------
     def __call__(self, instruction: str, total_duration: float = DEFAULT_TOTAL_DURATION_S,
                  guidance: float = DEFAULT_GUIDANCE, seed: int = DEFAULT_SEED,
@@ -195,9 +201,7 @@ class ReferencePipeline:
         clips = []
         t1 = time.perf_counter()
         for k, (span, dur) in enumerate(zip(plan.clips, render_durations)):
-            latent = self.render(cond[k], dur, guidance, num_steps, seed)
-            wave = post.trim(self.decode(latent), dur)
-            audio = post.resample(wave, VAE_SAMPLE_RATE, OUTPUT_SAMPLE_RATE)
+            latent, audio = self.clip_audio(cond[k], dur, guidance, num_steps, seed)
             clips.append(ReferenceClip(k, span.caption, span.duration, dur, sem[k], res[k], cond[k],
                                        latent[0], audio))
         timings["audio_s"] = time.perf_counter() - t1
@@ -214,8 +218,7 @@ class ReferencePipeline:
         rendered at its own length, placed on the timeline (``script.py`` has the rules)."""
         clips_plan = script_mod.plan_clips(segments)
         story_s = script_mod.story_length(segments, total_duration)
-        full_instruction = build_instruction(instruction.strip() or script_mod.default_instruction([c.caption for c in clips_plan]),
-                                             story_s, seed)
+        full_instruction = build_instruction(script_mod.instruction_caption(instruction, clips_plan), story_s, seed)
         prompt_ids = self.tokenizer.encode(build_prompt(full_instruction), add_special_tokens=False)
         forced = self.tokenizer.encode(script_mod.forced_text(clips_plan, self.tok.n, self.tok.m),
                                        add_special_tokens=False)
@@ -226,8 +229,7 @@ class ReferencePipeline:
         for span, sc in zip(plan.clips, clips_plan):
             sem, res = hidden[span.t5_pos:span.t5_pos + n], hidden[span.aud_pos:span.aud_pos + m]
             cond = self.bridge(sem[None], res[None])[0]
-            latent = self.render(cond, sc.render_s, guidance, num_steps, seed)
-            audio = post.resample(post.trim(self.decode(latent), sc.render_s), VAE_SAMPLE_RATE, OUTPUT_SAMPLE_RATE)
+            latent, audio = self.clip_audio(cond, sc.render_s, guidance, num_steps, seed)
             clips.append(ReferenceClip(sc.index, sc.caption, sc.duration_s, sc.render_s, sem, res, cond,
                                        latent[0], audio))
         story = post.place_on_timeline([c.audio for c in clips], [c.start_s for c in clips_plan],

@@ -168,6 +168,11 @@ def default_instruction(captions: list[str]) -> str:
     return ", then ".join(out) + "."
 
 
+def instruction_caption(instruction: str, clips: list[ScriptClip]) -> str:
+    """What the instruction is built from: ``INSTRUCTION`` if given, else the clips' captions."""
+    return instruction.strip() or default_instruction([c.caption for c in clips])
+
+
 def story_length(segments: list[Segment], total_duration: float | None) -> float:
     """The timeline's length: the last segment's end, or ``TOTAL_DURATION`` when given and longer."""
     end = segments[-1].end

@@ -100,7 +100,7 @@ def _scalar(get: Callable[[str], np.ndarray | None], t: I.Tensor, kind: type):
 
 def parse_request(get: Callable[[str], np.ndarray | None], limits: Limits = Limits()) -> RequestParams:
     """Validate a request's inputs (``get(name)`` returns the numpy array or None) and apply defaults."""
-    raw_segments = _scalar(get, I.SEGMENTS, str) if get(I.SEGMENTS.name) is not None else ""
+    raw_segments = _scalar(get, I.SEGMENTS, str)     # "" when absent
     has_audio = get(I.INPUT_AUDIO.name) is not None
     instruction_given = get(I.INSTRUCTION.name) is not None
     instruction = _scalar(get, I.INSTRUCTION, str)
@@ -172,9 +172,9 @@ def _with_audio(params: RequestParams, get, limits: Limits) -> RequestParams:
                            "(shape is [channels, samples])")
     if samples == 0:
         raise RequestError("INPUT_AUDIO is empty (0 samples)")
-    if get(I.INPUT_SAMPLE_RATE.name) is None:
+    rate = _scalar(get, I.INPUT_SAMPLE_RATE, int)    # None when absent
+    if rate is None:
         raise RequestError("INPUT_SAMPLE_RATE is required with INPUT_AUDIO")
-    rate = _scalar(get, I.INPUT_SAMPLE_RATE, int)
     if not limits.min_input_sample_rate <= rate <= limits.max_input_sample_rate:
         raise RequestError(f"INPUT_SAMPLE_RATE must be in [{limits.min_input_sample_rate}, "
                            f"{limits.max_input_sample_rate}] Hz, got {rate}")

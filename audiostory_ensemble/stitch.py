@@ -77,6 +77,10 @@ class StoryAssembler:
             self.count = index + 1
         return clip
 
+    def add_clip(self, clip: Clip) -> Clip:
+        """A streamed :class:`Clip` (the client's), with its plan entry."""
+        return self.add(clip.index, clip.caption, clip.audio, clip.start_s, clip.duration_s, clip.is_last, clip.plan)
+
     @property
     def complete(self) -> bool:
         return self.count is not None and all(i in self.clips for i in range(self.count))

@@ -108,7 +108,7 @@ class AudioStoryClient:
         """The whole story, stitched client-side exactly as ``audiostory_full`` does."""
         story = StoryAssembler()
         for clip in self.stream(instruction, timeout=timeout, **params):
-            story.add(clip.index, clip.caption, clip.audio, clip.start_s, clip.duration_s, clip.is_last, clip.plan)
+            story.add_clip(clip)
             if on_clip is not None:
                 on_clip(clip)
         try:

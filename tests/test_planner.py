@@ -28,6 +28,13 @@ def run_plan(planner, request):
     return loop.run(collect(), timeout=300)
 
 
+def assert_queries_equal(clips, plan, hidden, tok):
+    """Each clip's bridging queries equal ``hidden`` (rows of the generated ids) at its spans, 1e-4."""
+    for clip, span in zip(clips, plan.clips, strict=True):
+        np.testing.assert_allclose(clip.sem, hidden[span.t5_pos:span.t5_pos + tok.n], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(clip.res, hidden[span.aud_pos:span.aud_pos + tok.m], rtol=0, atol=1e-4)
+
+
 def reference_plan(reference, caption, total, seed=0, max_new_tokens=1600):
     prompt = reference.tokenizer.encode(build_prompt(build_instruction(caption, total, seed)), add_special_tokens=False)
     gen, hidden = reference.generate(prompt, max_new_tokens)
@@ -44,10 +51,7 @@ def test_tokens_and_hidden_states_equal_the_reference(planner, reference, sample
         assert [c.caption for c in clips] == [c.caption for c in plan.clips]
         assert [c.duration for c in clips] == [c.duration for c in plan.clips]
         assert [c.is_last for c in clips] == [False] * (len(clips) - 1) + [True]
-        n, m = reference.tok.n, reference.tok.m
-        for clip, span in zip(clips, plan.clips):
-            np.testing.assert_allclose(clip.sem, hidden[span.t5_pos:span.t5_pos + n].numpy(), rtol=0, atol=1e-4)
-            np.testing.assert_allclose(clip.res, hidden[span.aud_pos:span.aud_pos + m].numpy(), rtol=0, atol=1e-4)
+        assert_queries_equal(clips, plan, hidden.numpy(), reference.tok)
         starts = np.cumsum([0.0] + [c.duration for c in clips[:-1]])
         np.testing.assert_allclose([c.start_s for c in clips], starts)
 
@@ -146,10 +150,7 @@ def test_forced_script_hidden_states_equal_a_transformers_forward(planner, refer
     assert "a dog barks twice, then heavy rain drums on a tin roof." in p.tokenizer.decode(summary.prompt_ids)
     hidden = reference.hidden_states(summary.prompt_ids + summary.generated_ids)[len(summary.prompt_ids):].numpy()
     plan = parse_plan(summary.generated_ids, p.tok, p.tokenizer.decode)
-    n, m = p.tok.n, p.tok.m
-    for clip, span in zip(clips, plan.clips):
-        np.testing.assert_allclose(clip.sem, hidden[span.t5_pos:span.t5_pos + n], rtol=0, atol=1e-4)
-        np.testing.assert_allclose(clip.res, hidden[span.aud_pos:span.aud_pos + m], rtol=0, atol=1e-4)
+    assert_queries_equal(clips, plan, hidden, p.tok)
 
 
 def test_continuation_prompt_embeds_equal_a_transformers_inputs_embeds_forward(planner, reference, converted):
@@ -175,14 +176,11 @@ def test_continuation_prompt_embeds_equal_a_transformers_inputs_embeds_forward(p
     np.testing.assert_array_equal(embeds[pos:pos + rows.shape[0]].numpy(), rows)
     hidden = reference.hidden_states(ids, inputs_embeds=embeds)[len(summary.prompt_ids):].numpy()
     plan = parse_plan(summary.generated_ids, p.tok, p.tokenizer.decode)
-    n, m = p.tok.n, p.tok.m
-    for clip, span in zip(clips, plan.clips):
-        np.testing.assert_allclose(clip.sem, hidden[span.t5_pos:span.t5_pos + n], rtol=0, atol=1e-4)
-        np.testing.assert_allclose(clip.res, hidden[span.aud_pos:span.aud_pos + m], rtol=0, atol=1e-4)
+    assert_queries_equal(clips, plan, hidden, p.tok)
     # The audio is heard: the placeholder tokens' own embeddings give other hidden states.
     plain = reference.hidden_states(ids)[len(summary.prompt_ids):].numpy()
     span = plan.clips[0]
-    assert np.abs(plain[span.t5_pos:span.t5_pos + n] - clips[0].sem).max() > 1e-3
+    assert np.abs(plain[span.t5_pos:span.t5_pos + p.tok.n] - clips[0].sem).max() > 1e-3
 
 
 def test_audio_encoder_slices_positions_and_matches_the_full_window(converted):

@@ -90,8 +90,7 @@ def build(triton_url: str):
             params["input_audio"], params["input_sample_rate"] = audio_from_upload(data), int(rate)
         try:
             for clip in client.stream(instruction or None, **params):
-                story.add(clip.index, clip.caption, clip.audio, clip.start_s, clip.duration_s, clip.is_last,
-                          clip.plan)
+                story.add_clip(clip)
                 if clip.index < MAX_CLIPS:
                     empty_clips[clip.index] = gr.update(
                         value=(OUTPUT_SAMPLE_RATE, np.ascontiguousarray(clip.audio.T)), visible=True,

@@ -47,7 +47,8 @@ class TritonPythonModel:
         self.limits = serving.Limits(**json.loads(_param(args, "limits", "{}")))
         self.loop = serving.LoopThread("llm-loop")
         self.planner = Planner.from_model(_param(args, "checkpoint"), options)
-        self.audio_encoder = load_audio_encoder(self.planner.converted)   # None: text only
+        # Only where continuation can run (a checkpoint with the audio path, embedded engines).
+        self.audio_encoder = None if self.planner.continuation_refused else load_audio_encoder(self.planner.converted)
         self.loop.run(self.planner.start())
         serving.guard_children()
         self.metrics = StageMetrics(pb_utils, "llm")
@@ -106,10 +107,8 @@ class TritonPythonModel:
         try:
             rows = None
             if params.input_audio is not None:
-                if self.audio_encoder is None:
-                    raise serving.RequestError(
-                        "INPUT_AUDIO: this checkpoint has no audio encoder (the released text-to-audio weights "
-                        "carry none), so it cannot continue audio")
+                if self.planner.continuation_refused:   # before any encoder work
+                    raise serving.RequestError(self.planner.continuation_refused)
                 rows = await asyncio.to_thread(self.audio_encoder, params.input_audio, params.input_sample_rate)
             req = PlanRequest.from_params(params, rows)
             async with contextlib.aclosing(self.planner.plan(req)) as plan:  # closing aborts in vLLM
