@@ -9,7 +9,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all tiny convert export engines repo serve demo web bench soak perf deploy-check clean
+.PHONY: help setup test test-all tiny convert export engines repo serve demo web bench bench-orchestration soak perf deploy-check clean
 
 help:
 	@echo "make setup       install the venv, Triton 2.51 and perf_analyzer (idempotent)"
@@ -22,6 +22,7 @@ help:
 	@echo "make repo        PROFILE=cpu|gpu MODEL=...: fill the model repository (build/model_repository)"
 	@echo "make serve       start Triton on build/model_repository (loopback; ADDRESS/..._PORT to change)"
 	@echo "make bench       baseline + concurrency sweep + plot (starts its own server; build/bench/)"
+	@echo "make bench-orchestration  what our loop costs per DiT step: null-cost engines, this tree vs a baseline commit"
 	@echo "make deploy-check  offline checks of deploy/: chart renders and validates, Dockerfile lint, compose schema"
 	@echo "make web         the web playground on 127.0.0.1:7860 for a running server (URL=host:grpc-port)"
 	@echo "make soak        1,000 short stories at concurrency 16: lost/duplicated clips, errors, memory"
@@ -63,6 +64,9 @@ bench: repo
 URL ?= 127.0.0.1:8001
 web:
 	build/web-venv/bin/python -m web --triton-url $(or $(URL),127.0.0.1:8001) --host $(or $(WEB_ADDRESS),127.0.0.1) --port $(or $(WEB_PORT),7860)
+
+bench-orchestration: export
+	$(PY) -m benchmarks.orchestration $(BENCH_ARGS)
 
 soak: repo
 	$(PY) -m benchmarks.soak $(SOAK_ARGS)

@@ -6,8 +6,9 @@ importable anywhere. Names are prefixed ``audiostory_``; every metric carries th
 
 from __future__ import annotations
 
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 TTFC_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
@@ -57,3 +58,51 @@ class StageMetrics:
     def batch(self, rows: int, executions_name: str) -> None:
         self.counter(f"audiostory_{executions_name}_rows_total", "Rows (clip-steps or clips) executed", rows)
         self.observe(f"audiostory_{executions_name}_batch_rows", "Rows per execution", rows, BATCH_BUCKETS)
+
+
+class BatchMetrics:
+    """The step scheduler's metrics, written off its thread: :meth:`add` only appends, and a
+    flusher thread writes the counters (one increment for everything since its last pass) and the
+    batch histogram (one observation per engine call). Each metric update is a round trip to the
+    server process, and the scheduler calls :meth:`add` after every iteration.
+
+    The same families as a Triton model's batch metrics (``StageMetrics.batch``), plus the engine's
+    seconds (``..._compute_seconds_total``: what Triton reports as compute for a served model) and
+    the loop's (``..._loop_seconds_total``: gather, engine call and scatter)."""
+
+    def __init__(self, metrics: StageMetrics, executions_name: str):
+        self.metrics = metrics
+        self.name = executions_name
+        self._pending: deque[int] = deque()    # append / popleft are thread-safe
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"{executions_name}-metrics", daemon=True)
+        self._thread.start()
+
+    def add(self, rows: int, engine_s: float = 0.0, busy_s: float = 0.0) -> None:
+        self._pending.append((rows, engine_s, busy_s))
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            batch = []
+            while self._pending:
+                batch.append(self._pending.popleft())
+            if not batch:
+                continue
+            m = self.metrics
+            m.counter(f"audiostory_{self.name}_rows_total", "Rows (clip-steps or clips) executed",
+                      sum(b[0] for b in batch))
+            m.counter(f"audiostory_{self.name}_compute_seconds_total", "Seconds in engine calls",
+                      sum(b[1] for b in batch))
+            m.counter(f"audiostory_{self.name}_loop_seconds_total",
+                      "Seconds in scheduler iterations (gather, engine call, scatter)", sum(b[2] for b in batch))
+            for rows, _, _ in batch:
+                m.observe(f"audiostory_{self.name}_batch_rows", "Rows per execution", rows, BATCH_BUCKETS)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=5)

@@ -85,8 +85,8 @@ async def one_story(client, item, model: str = I.ENSEMBLE) -> dict:
     import tritonclient.grpc.aio as aio
 
     inputs = []
-    for name, arr in request_arrays(item["instruction"], total_duration=item["total_duration"], seed=item["seed"],
-                                    num_steps=item["num_steps"]).items():
+    for name, arr in request_arrays(item["instruction"], total_duration=item.get("total_duration"), seed=item["seed"],
+                                    num_steps=item["num_steps"], segments=item.get("segments")).items():
         t = next(t for t in I.REQUEST_INPUTS if t.name == name)
         inp = aio.InferInput(name, list(arr.shape), t.dtype)
         inp.set_data_from_numpy(arr)

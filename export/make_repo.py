@@ -36,17 +36,19 @@ ONNX_MODEL_PY = TEMPLATES / "dit_step" / "1" / "model.py"   # shared by dit_step
 
 PROFILES = {
     "cpu": {
-        "dit_max_batch": 16, "dit_queue_delay_us": 2000, "dit_instances": 1, "dit_threads": 2,
+        "dit_engine": "onnx", "dit_min_batch": 1,
+        "dit_max_batch": 16, "dit_queue_delay_us": 0, "dit_instances": 1, "dit_threads": 2,
         "vae_max_batch": 4, "vae_queue_delay_us": 2000, "vae_instances": 1, "vae_threads": 2,
         "bridge_instances": 1, "full_instances": 4, "clips_in_flight_per_request": 1,
-        "max_clips_in_flight": 32, "stream_instances": 1, "bls_timeout_s": 30,
+        "max_clips_in_flight": 64, "stream_instances": 1, "bls_timeout_s": 30,
         "full_max_queue": 16, "full_queue_timeout_s": 120,
         "engine_options": {"dtype": "float32", "max_model_len": 2048, "kv_cache_gib": 1, "enforce_eager": True},
         "limits": {},
         "llm_gpus": [], "dit_gpus": [], "vae_gpus": [],
     },
     "gpu": {
-        "dit_max_batch": 16, "dit_queue_delay_us": 1000, "dit_instances": 1, "dit_threads": 0,
+        "dit_engine": "triton", "dit_min_batch": 1,
+        "dit_max_batch": 16, "dit_queue_delay_us": 0, "dit_instances": 1, "dit_threads": 0,
         "vae_max_batch": 4, "vae_queue_delay_us": 1000, "vae_instances": 1, "vae_threads": 0,
         "bridge_instances": 1, "full_instances": 8, "clips_in_flight_per_request": 2,
         "max_clips_in_flight": 64, "stream_instances": 1, "bls_timeout_s": 10,
@@ -102,6 +104,27 @@ def dit_input_lines(n: int, tensorrt: bool) -> str:
         reshape = " reshape: { shape: [ ] }" if tensorrt and dims == "1" else ""
         lines.append(f'  {{ name: "{name}" data_type: TYPE_FP32 dims: [ {dims} ]{reshape} }}')
     return ",\n".join(lines)
+
+
+DIT_ENGINES = {
+    "onnx": "The step runs in this model: onnxruntime on the exported graph (no hop per step).",
+    "triton": "The step runs in dit_step: one BLS request per iteration for every clip in flight.",
+}
+
+
+def dit_engine_fields(settings: dict, onnx_dir: Path) -> dict:
+    """Where ``dit_sampler``'s scheduler runs the step (``dit_engine``)."""
+    engine = settings["dit_engine"]
+    if engine not in DIT_ENGINES:
+        raise SystemExit(f"make_repo: dit_engine must be one of {sorted(DIT_ENGINES)}, got {engine!r}")
+    onnx = onnx_dir / "dit_step.onnx"
+    if engine == "onnx" and not onnx.exists():
+        raise SystemExit(f"make_repo: {onnx} not found: run `make export` first (dit_engine onnx runs it)")
+    min_batch = settings["dit_min_batch"]
+    if not (isinstance(min_batch, int) and 1 <= min_batch <= settings["max_clips_in_flight"]):
+        raise SystemExit(f"make_repo: dit_min_batch must be an integer in [1, max_clips_in_flight], got {min_batch!r}")
+    return {"dit_engine": engine, "dit_engine_form": DIT_ENGINES[engine], "dit_min_batch": min_batch,
+            "dit_onnx_path": str(onnx) if engine == "onnx" else "", "dit_threads": settings["dit_threads"]}
 
 
 def fields(profile: str, settings: dict, checkpoint: Path) -> dict:
@@ -184,7 +207,7 @@ def make_repo(profile: str, model: str, out: Path, settings_path: Path | None = 
         manifest = engines_dir / "engines.json"
         if manifest.exists():
             settings["engines"] = json.loads(manifest.read_text())["engines"]
-    common = fields(profile, settings, checkpoint)
+    common = {**fields(profile, settings, checkpoint), **dit_engine_fields(settings, onnx_dir)}
     if out.exists():
         shutil.rmtree(out)
     for name in PIPELINE:

@@ -1,19 +1,23 @@
-"""dit_sampler: the flow-matching loop for one clip, one `dit_step` request per step (BLS), then
-the clip's audio: `vae_decoder` (BLS), trim, resample to 32 kHz, and every public output of the clip.
+"""dit_sampler: every clip's flow-matching loop on one step scheduler, then the clip's audio
+(`vae_decoder` through BLS, trim, resample to 32 kHz) with every public output of the clip.
 
-The decode lives here rather than in a further decoupled step: one hop less per clip, and the
-last step emits every public output of the clip together (Triton 2.51's ensemble does not keep
-outputs of different steps paired per decoupled response).
+The denoising loop is continuous batching (`audiostory_ensemble.scheduler`): each iteration makes
+ONE engine call for every clip in flight, at whatever step each is, and the rows stay in the
+engine between steps. The engine is a repository setting (`dit_engine`): `onnx` runs the exported
+graph with onnxruntime in this process (the cpu profile: no hop per step at all); `triton` sends
+one BLS request per iteration to the `dit_step` model (the gpu profile, where that model is a
+TensorRT plan). `dit_step` stays servable on its own either way (perf_analyzer, other callers).
 
-Scheduling, two gates:
+Scheduling, two gates in front of the scheduler:
 - per request, at most `clips_in_flight_per_request` clips denoise at once, in story order (the
   listener needs clip 0 first, and clips of other requests keep the batches full);
 - overall, at most `max_clips_in_flight` clips denoise at once; a freed slot goes to the clip of
   the oldest request (then the lowest index), so stories in progress finish before a newer request
-  starts DiT work. (BLS requests carry no priority in Triton 2.51; this is the priority.)
+  starts DiT work.
 
-Cancellation: a request with `_CANCEL` = a story key (sent by the front door) stops every clip of
-that story before its next step; clips of the story that arrive later are dropped at once.
+Cancellation: a request with `_CANCEL` = a story key (sent by the front door) takes every clip of
+that story out of the scheduler before its next step; clips of the story that arrive later are
+dropped at once. A direct caller's own cancel (`is_cancelled()`) is polled every `poll_s`.
 """
 import asyncio
 import json
@@ -23,8 +27,9 @@ import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import control, post, serving
 from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
-from audiostory_ensemble.metrics import StageMetrics
+from audiostory_ensemble.metrics import BatchMetrics, StageMetrics
 from audiostory_ensemble.sampler import flow_sigmas, initial_noise
+from audiostory_ensemble.scheduler import OnnxStepEngine, StepScheduler, TritonStepEngine
 from audiostory_ensemble.serving import CancelRegistry, PerKeyLimiter, PriorityGate
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -35,15 +40,33 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         params = json.loads(args["model_config"]).get("parameters", {})
         param = lambda key, default: params.get(key, {}).get("string_value", default)  # noqa: E731
-        self.step_model = param("step_model", "dit_step")
         self.vae_model = param("vae_model", "vae_decoder")
         self.bls_timeout_s = float(param("bls_timeout_s", "30"))
         self.bls_attempts = int(param("bls_attempts", "4"))
+        self.poll_s = float(param("poll_s", "0.25"))
+        capacity = int(param("max_clips_in_flight", "32"))
+        n = int(param("num_tokens", "0"))
         self.limiter = PerKeyLimiter(int(param("clips_in_flight_per_request", "1")))
-        self.gate = PriorityGate(int(param("max_clips_in_flight", "32")))
+        self.gate = PriorityGate(capacity)
         self.cancelled = CancelRegistry()
-        self.noise_cache = {0: initial_noise(0).numpy()}
+        self.noise_cache = {0: initial_noise(0).numpy()[0]}
+        self.sigma_cache = {}
         self.metrics = StageMetrics(pb_utils, "dit_sampler")
+        kind = param("dit_engine", "onnx")
+        on_batch = None
+        if kind == "onnx":
+            engine = OnnxStepEngine(param("onnx_path", ""), capacity, n, int(param("threads", "0")),
+                                    serving.instance_gpu(args))
+            # The step runs here, not in dit_step: its batch metrics are reported here, under its name.
+            self.batch_metrics = BatchMetrics(StageMetrics(pb_utils, "dit_step"), "dit_step")
+            on_batch = self.batch_metrics.add
+        elif kind == "triton":
+            engine = TritonStepEngine(pb_utils, param("step_model", "dit_step"), capacity, n,
+                                      int(param("step_max_batch", "16")), self.bls_timeout_s)
+            self.batch_metrics = None
+        else:
+            raise ValueError(f"dit_sampler: dit_engine must be onnx or triton, got {kind!r}")
+        self.scheduler = StepScheduler(engine, on_batch, min_batch=int(param("min_batch", "1")))
 
     async def execute(self, requests):
         serving.ensure_heartbeat()
@@ -54,14 +77,21 @@ class TritonPythonModel:
         if seed not in self.noise_cache:
             if len(self.noise_cache) > 64:
                 self.noise_cache = {0: self.noise_cache[0]}
-            self.noise_cache[seed] = initial_noise(seed).numpy()
+            self.noise_cache[seed] = initial_noise(seed).numpy()[0]
         return self.noise_cache[seed]
+
+    def _sigmas(self, steps):
+        if steps not in self.sigma_cache:
+            self.sigma_cache[steps] = flow_sigmas(steps).numpy()
+        return self.sigma_cache[steps]
 
     async def _one(self, request):
         sender = request.get_response_sender()
         cancel_t = pb_utils.get_input_tensor_by_name(request, control.CANCEL_INPUT)
         if cancel_t is not None:
-            self.cancelled.cancel(control.read_key(cancel_t.as_numpy()))
+            key = control.read_key(cancel_t.as_numpy())
+            self.cancelled.cancel(key)
+            self.scheduler.cancel(key)
             self.metrics.counter("audiostory_cancel_requests_total", "Control requests that cancelled a story")
             sender.send(flags=FINAL)
             return
@@ -85,14 +115,37 @@ class TritonPythonModel:
             self.logger.log_error(f"dit_sampler: {type(e).__name__}: {e}")
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
 
+    def _stopped(self, sender, meta, steps_done):
+        self.metrics.counter("audiostory_clips_cancelled_total", "Clips stopped by a cancel")
+        self.metrics.counter("audiostory_steps_saved_total", "DiT steps not run because of a cancel",
+                             meta.num_steps - steps_done)
+        sender.send(flags=FINAL)
+
+    async def _denoise(self, sender, cond_t, meta):
+        """The clip's final latent ``[1, 645, 64]``, or None if its story was cancelled (the stream
+        is then closed)."""
+        if meta.cancel_key in self.cancelled or sender.is_cancelled():
+            self._stopped(sender, meta, 0)
+            return None
+        job, fut = self.scheduler.render(self._noise(meta.seed), cond_t.as_numpy(), meta.render_s, meta.guidance,
+                                         self._sigmas(meta.num_steps), meta.cancel_key)
+        while not fut.done():
+            await asyncio.wait({fut}, timeout=self.poll_s)
+            if not fut.done() and (meta.cancel_key in self.cancelled or sender.is_cancelled()):
+                job.cancel()
+        latent = fut.result()
+        if latent is None:
+            self._stopped(sender, meta, job.steps_done)
+            return None
+        return latent[None]
+
     async def _bls(self, model, inputs, output):
         """One BLS request for one output (numpy); re-sent if no answer came within `bls_timeout_s`,
         an error answer raises.
 
         A safety net behind :func:`serving.ensure_heartbeat` (which fixed the stalls the soak
-        benchmark found; with it no retry was needed in 1,300 stories). The DiT step and the VAE
-        are pure functions of their inputs, so re-sending is safe; retries are counted in
-        ``audiostory_bls_retries_total``.
+        benchmark found). The VAE is a pure function of its input, so re-sending is safe; retries
+        are counted in ``audiostory_bls_retries_total``.
         """
         for attempt in range(self.bls_attempts):
             request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=[output])
@@ -108,31 +161,6 @@ class TritonPythonModel:
             return pb_utils.get_output_tensor_by_name(result, output).as_numpy()
         raise RuntimeError(f"{model}: no answer within {self.bls_timeout_s:g} s, {self.bls_attempts} attempts")
 
-    def _stopped(self, sender, meta, steps_done):
-        if meta.cancel_key in self.cancelled or sender.is_cancelled():
-            self.metrics.counter("audiostory_clips_cancelled_total", "Clips stopped by a cancel")
-            self.metrics.counter("audiostory_steps_saved_total", "DiT steps not run because of a cancel",
-                                 meta.num_steps - steps_done)
-            sender.send(flags=FINAL)
-            return True
-        return False
-
-    async def _denoise(self, sender, cond_t, meta):
-        """The clip's final latent, or None if its story was cancelled (the stream is then closed)."""
-        cond = cond_t.as_numpy()[None].astype(np.float32)
-        x = self._noise(meta.seed).copy()
-        sigmas = flow_sigmas(meta.num_steps).numpy()
-        row = lambda v: np.array([[v]], dtype=np.float32)  # noqa: E731
-        duration, guidance = row(meta.render_s), row(meta.guidance)
-        for i in range(meta.num_steps):
-            if self._stopped(sender, meta, i):
-                return None
-            inputs = [pb_utils.Tensor("x", x), pb_utils.Tensor("cond", cond),
-                      pb_utils.Tensor("duration", duration), pb_utils.Tensor("sigma", row(sigmas[i])),
-                      pb_utils.Tensor("sigma_next", row(sigmas[i + 1])), pb_utils.Tensor("guidance", guidance)]
-            x = await self._bls(self.step_model, inputs, "x_next")
-        return x
-
     async def _decode_and_send(self, sender, x, meta):
         wave = (await self._bls(self.vae_model, [pb_utils.Tensor("latent", x)], "wave"))[0]
         audio = await asyncio.to_thread(
@@ -147,3 +175,8 @@ class TritonPythonModel:
             pb_utils.Tensor("PLAN", np.array([json.dumps(meta.plan_entry()).encode()], dtype=np.object_)),
         ]), flags=FINAL)
         self.metrics.clip_done(meta.request_id, meta.arrival, meta.duration_s)
+
+    def finalize(self):
+        self.scheduler.close()
+        if self.batch_metrics is not None:
+            self.batch_metrics.close()
