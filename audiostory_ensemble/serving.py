@@ -70,6 +70,19 @@ class RequestParams:
         return "script" if self.segments else ("continuation" if self.input_audio is not None else "story")
 
 
+def typed_number(value) -> float:
+    """The number the caller wrote, as a Python float.
+
+    FP32 on the wire cannot hold 12.3: it arrives as 12.300000190734863, and the prompt would ask
+    the model for "12.300000190734863 seconds" where the official code (a Python float) writes
+    "12.3". The shortest decimal that round-trips the wire value is what the caller typed, so it
+    is the value used everywhere (prompt, duration policy, timeline). Exact for FP64 and integers.
+    """
+    if isinstance(value, np.floating) and np.dtype(value.dtype).itemsize < 8:
+        return float(np.format_float_positional(value, unique=True))
+    return float(value)
+
+
 def _scalar(get: Callable[[str], np.ndarray | None], t: I.Tensor, kind: type):
     arr = get(t.name)
     if arr is None:
@@ -92,7 +105,7 @@ def _scalar(get: Callable[[str], np.ndarray | None], t: I.Tensor, kind: type):
     if kind is float:
         if arr.dtype.kind not in "fiu":
             raise RequestError(f"{t.name} must be {t.dtype}, got {arr.dtype}")
-        return float(value)
+        return typed_number(value)
     if arr.dtype.kind not in "iu":
         raise RequestError(f"{t.name} must be {t.dtype} (an integer), got {arr.dtype}")
     return int(value)

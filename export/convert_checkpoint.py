@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from audiostory_ensemble import layout
 from audiostory_ensemble.config import ModelConfig, get_config
 
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 
 
 class ConversionError(RuntimeError):
@@ -101,6 +101,60 @@ def _source_fingerprint(release: Path, model: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The LLM: LoRA merge, trained norms, resized vocabulary
 # ---------------------------------------------------------------------------------------------
+
+def release_config_keys(hydra: dict) -> list[str]:
+    """Every key of ``config.yaml`` against ``layout.RELEASE_CONFIG_KEYS``: the keys walked (a
+    listed key with a mapping value counts as one); an unknown key or section is an error."""
+    unknown = sorted(set(hydra) - set(layout.RELEASE_CONFIG_SECTIONS))
+    if unknown:
+        raise ConversionError(f"config.yaml: unknown section(s) {unknown}; the converter reads "
+                              f"{list(layout.RELEASE_CONFIG_SECTIONS)}")
+    walked: list[str] = []
+
+    def walk(node, path: str, training: bool) -> None:
+        if path in layout.RELEASE_CONFIG_KEYS:
+            walked.append(path)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key), training)
+        elif isinstance(node, list) and training:
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]", training)
+        elif not training:
+            raise ConversionError(f"config.yaml: unknown key {path}; known keys are listed in "
+                                  "audiostory_ensemble/layout.py (RELEASE_CONFIG_KEYS)")
+
+    for section, node in hydra.items():
+        # train_dataset is the training pipeline: only N and M are read, everything else is ignored.
+        walk(node, section, training=section == "train_dataset")
+    return walked
+
+
+def check_release_config(hydra: dict, cfg: ModelConfig) -> None:
+    """The "check" entries of ``layout.RELEASE_CONFIG_KEYS``: values the conversion relies on."""
+    llm = hydra["llm_model"]
+    peft = llm.get("peft_config") or {}
+    problems = []
+    if llm.get("model_id") is not None or not peft:
+        problems.append("llm_model must carry a peft_config (a saved adapter in model_id is not supported)")
+    base = (llm.get("model") or {}).get("pretrained_model_name_or_path")
+    if base != hydra["tokenizer"]["pretrained_model_path"]:
+        problems.append(f"llm_model.model.pretrained_model_name_or_path {base!r} is not the tokenizer's base folder "
+                        f"{hydra['tokenizer']['pretrained_model_path']!r}")
+    if sorted(peft.get("target_modules", [])) != sorted(layout.LORA_TARGETS):
+        problems.append(f"peft_config.target_modules {peft.get('target_modules')} are not the seven projections")
+    if list(peft.get("modules_to_save", [])) != list(layout.SAVED_NORMS):
+        problems.append(f"peft_config.modules_to_save {peft.get('modules_to_save')} are not {list(layout.SAVED_NORMS)}")
+    if peft.get("bias", "none") != "none" or peft.get("fan_in_fan_out", False):
+        problems.append("peft_config.bias must be 'none' and fan_in_fan_out false")
+    agent = hydra.get("agent_model") or {}
+    if int(agent.get("model_dims", cfg.llm.hidden_size)) != cfg.llm.hidden_size:
+        problems.append(f"agent_model.model_dims {agent.get('model_dims')} != LLM hidden size {cfg.llm.hidden_size}")
+    if agent.get("add_patch_pos", False):
+        problems.append("agent_model.add_patch_pos must be false")
+    if problems:
+        raise ConversionError("config.yaml: " + "; ".join(problems))
+
 
 def convert_llm(ledger: KeyLedger, hydra: dict, release: Path, out: Path) -> dict:
     from transformers import AutoTokenizer
@@ -189,9 +243,19 @@ def convert_dit(ledger: KeyLedger) -> dict[str, torch.Tensor]:
     return out
 
 
+def t5_folder(release: Path) -> Path | None:
+    """The folder ``text_encoder_name`` names, when the release carries it (a hub name such as
+    ``google/flan-t5-large`` is not a folder: the sizes are then the configuration's)."""
+    name = json.loads((release / layout.RELEASE_DIT_CONFIG).read_text()).get("text_encoder_name")
+    folder = release / name if name else None
+    return folder if folder is not None and (folder / "config.json").is_file() else None
+
+
 @torch.no_grad()
-def uncond_tokens(ledger: KeyLedger, cfg: ModelConfig) -> torch.Tensor:
-    """T5 encoding of "" (``</s>`` then pads, with the attention mask), N long, not masked after."""
+def uncond_tokens(ledger: KeyLedger, cfg: ModelConfig, folder: Path | None = None) -> torch.Tensor:
+    """T5 encoding of "" padded to N, with its attention mask, not masked after: the official
+    ``encode_text_classifier_free_full_tokens``. The ids come from the T5 folder's tokenizer when
+    the release has one (``</s>`` then pads), the weights from the checkpoint."""
     from transformers import T5Config, T5EncoderModel
 
     t5 = cfg.t5
@@ -205,10 +269,16 @@ def uncond_tokens(ledger: KeyLedger, cfg: ModelConfig) -> torch.Tensor:
     _load_strict(model, {k: v.float() for k, v in state.items()}, "text_encoder")
     model.eval()
     n = cfg.num_t5_tokens
-    ids = torch.full((1, n), t5.pad_token_id, dtype=torch.long)
-    ids[0, 0] = t5.eos_token_id
-    mask = torch.zeros((1, n), dtype=torch.long)
-    mask[0, 0] = 1
+    if folder is not None:
+        from transformers import AutoTokenizer
+        enc = AutoTokenizer.from_pretrained(folder)([""], max_length=n, padding="max_length", truncation=True,
+                                                    return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+    else:
+        ids = torch.full((1, n), t5.pad_token_id, dtype=torch.long)
+        ids[0, 0] = t5.eos_token_id
+        mask = torch.zeros((1, n), dtype=torch.long)
+        mask[0, 0] = 1
     return model(input_ids=ids, attention_mask=mask).last_hidden_state[0].float().contiguous()
 
 
@@ -262,6 +332,12 @@ def derive_config(base: ModelConfig, hydra: dict, release: Path) -> ModelConfig:
         audio_seq_len=flux.get("audio_seq_len", base.dit.audio_seq_len),
         max_duration=float(flux.get("max_duration", base.dit.max_duration)),
     )
+    t5 = base.t5
+    folder = t5_folder(release)
+    if folder is not None:
+        tc = json.loads((folder / "config.json").read_text())
+        t5 = replace(t5, **{k: tc[k] for k in ("d_model", "num_layers", "num_heads", "d_kv", "d_ff", "vocab_size",
+                                                "feed_forward_proj", "pad_token_id", "eos_token_id") if k in tc})
     vae = base.vae
     vae_cfg_path = release / layout.RELEASE_VAE_CONFIG
     if vae_cfg_path.exists():
@@ -269,7 +345,7 @@ def derive_config(base: ModelConfig, hydra: dict, release: Path) -> ModelConfig:
         vae = replace(vae, **{k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items()
                               if k in vae.__dataclass_fields__})
     cfg = replace(
-        base, llm=llm, dit=dit, vae=vae,
+        base, llm=llm, dit=dit, vae=vae, t5=t5,
         num_t5_tokens=int(pipe["num_t5_out_tokens"]), num_aud_tokens=int(pipe["num_aud_out_tokens"]),
         t5_feature_scale=float(agent.get("t5_feature_scale", base.t5_feature_scale)),
     )
@@ -295,7 +371,9 @@ def convert(release: Path, out: Path, model: str, force: bool = False) -> Path:
     from audiostory_ensemble.dit import AudioDiT
 
     hydra = yaml.safe_load((release / layout.RELEASE_CONFIG).read_text())
+    release_config_keys(hydra)
     cfg = derive_config(get_config(model), hydra, release)
+    check_release_config(hydra, cfg)
     state = torch.load(release / layout.RELEASE_WEIGHTS, map_location="cpu", weights_only=True)
     ledger = KeyLedger(state)
     if out.exists():
@@ -312,7 +390,7 @@ def convert(release: Path, out: Path, model: str, force: bool = False) -> Path:
     _load_strict(AudioDiT(cfg), dit_state, "dit")
     save_file({k: v.contiguous() for k, v in dit_state.items()}, str(out / layout.DIT_WEIGHTS))
 
-    uncond = uncond_tokens(ledger, cfg)
+    uncond = uncond_tokens(ledger, cfg, t5_folder(release))
     save_file({"uncond_tokens": uncond}, str(out / layout.UNCOND_WEIGHTS))
     cfg = convert_audio_encoder(ledger, hydra, release, out, cfg)
     ledger.check_all_taken()

@@ -103,3 +103,27 @@ def test_conversion_is_skipped_when_unchanged(tiny_release, converted, capsys):
     assert "up to date" in capsys.readouterr().out
     weights = load_file(str(converted.root / layout.DIT_WEIGHTS))
     assert any(k.startswith("duration_embedder.") for k in weights)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["agent_model"].update(brand_new_option=1), "unknown key agent_model.brand_new_option"),
+    (lambda h: h.update(optimizer={"lr": 1e-4}), r"unknown section\(s\) \['optimizer'\]"),
+    (lambda h: h["llm_model"]["peft_config"].update(use_dora=True), "unknown key llm_model.peft_config.use_dora"),
+    (lambda h: h["llm_model"]["peft_config"].update(bias="all"), "bias must be 'none'"),
+    (lambda h: h["llm_model"]["peft_config"].update(target_modules=["q_proj", "v_proj"]), "target_modules"),
+    (lambda h: h["agent_model"].update(model_dims=2048), "model_dims 2048"),
+    (lambda h: h["llm_model"]["model"].update(pretrained_model_name_or_path="elsewhere"), "not the tokenizer's base"),
+])
+def test_config_yaml_keys_are_used_checked_or_knowingly_ignored(tiny_release, tmp_path, edit, message):
+    """An unknown config.yaml key or section, or a checked value the conversion cannot honour, is an
+    error naming it; the training pipeline's keys (train_dataset) are ignored."""
+    release = _copy_release(tiny_release, tmp_path / "release")
+    hydra = yaml.safe_load((release / layout.RELEASE_CONFIG).read_text())
+    hydra["train_dataset"]["datapipes"][0]["batch_size"] = 8        # training-only: ignored
+    (release / layout.RELEASE_CONFIG).write_text(yaml.safe_dump(hydra, sort_keys=False))
+    from export.convert_checkpoint import release_config_keys
+    release_config_keys(hydra)
+    edit(hydra)
+    (release / layout.RELEASE_CONFIG).write_text(yaml.safe_dump(hydra, sort_keys=False))
+    with pytest.raises(ConversionError, match=message):
+        convert(release, tmp_path / "out", "tiny")

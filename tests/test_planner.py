@@ -56,6 +56,30 @@ def test_tokens_and_hidden_states_equal_the_reference(planner, reference, sample
         np.testing.assert_allclose([c.start_s for c in clips], starts)
 
 
+def test_the_query_parity_sees_a_slice_shifted_by_one_token(planner, reference, sample_instructions, monkeypatch):
+    """Teeth: the planner with its hidden-state slice planted one token late fails the comparison
+    above (neighbouring positions differ by far more than its 1e-4)."""
+    import dataclasses
+
+    p, _ = planner
+    clip_of = Planner._clip
+
+    async def shifted(self, span, *args, **kwargs):
+        late = dataclasses.replace(span, t5_pos=span.t5_pos + 1, aud_pos=span.aud_pos + 1)
+        return await clip_of(self, late, *args, **kwargs)
+
+    caption, total = sample_instructions[0]
+    monkeypatch.setattr(Planner, "_clip", shifted)
+    clips = run_plan(planner, PlanRequest(caption, total, request_id="shifted"))
+    monkeypatch.undo()
+    ref_ids, hidden = reference_plan(reference, caption, total)
+    plan = parse_plan(ref_ids, reference.tok, reference.tokenizer.decode)
+    with pytest.raises(AssertionError):
+        assert_queries_equal(clips, plan, hidden.numpy(), reference.tok)
+    assert_queries_equal(run_plan(planner, PlanRequest(caption, total, request_id="unshifted")), plan,
+                         hidden.numpy(), reference.tok)
+
+
 def test_concurrent_plans_equal_solo_plans(planner, sample_instructions):
     p, loop = planner
     requests = [PlanRequest(c, t, seed=s, request_id=f"solo-{i}")

@@ -231,3 +231,21 @@ def test_absurd_clip_durations_are_capped_at_the_dit_window():
     assert story_duration(12.5) == 12.5
     assert story_duration(400.0) == MAX_DURATION_S
     assert story_duration(1e30) == MAX_DURATION_S
+
+
+@pytest.mark.parametrize("typed", [12.3, 35.1, 36.6, 49.9, 50.0, 7.25, 600.0])
+def test_total_duration_reaches_every_mode_as_typed(converted, typed):
+    """FP32 on the wire holds 12.300000190734863 for 12.3: the instruction of every mode carries the
+    shortest decimal that round-trips the FP32 value (what the user typed; 50 stays "50.0")."""
+    from audiostory_ensemble.planner import Planner, PlanRequest
+
+    planner = Planner(converted)          # its instruction needs no engines
+    segments = [{"start": 0.5, "end": 4.0, "caption": "rain"}]
+    audio = dict(input_audio=np.zeros((1, 16000), np.float32), input_sample_rate=16000)
+    for mode, extra in (("story", {}), ("exact", dict(duration_policy="exact")), ("script", dict(segments=segments)),
+                        ("continuation", audio)):
+        params = parse(instruction="rain on a roof", total_duration=typed, **extra)
+        assert params.total_duration == typed, mode
+        rows = np.zeros((converted.config.audio_tokens, converted.config.llm.hidden_size), np.float32)
+        request = PlanRequest.from_params(params, rows if mode == "continuation" else None)
+        assert planner.instruction(request).endswith(f"The total duration is {typed!r} seconds."), mode

@@ -50,11 +50,67 @@ def test_release_files_follow_the_official_layout(tiny_release, release_yaml):
     for rel in (layout.RELEASE_CONFIG, layout.RELEASE_WEIGHTS, layout.RELEASE_ADDED_TOKENS,
                 layout.RELEASE_DIT_CONFIG, layout.RELEASE_VAE_WEIGHTS, layout.RELEASE_VAE_CONFIG, "MADE_BY.txt"):
         assert (tiny_release / rel).is_file(), rel
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                 "model.safetensors"):
         assert (base / name).is_file(), name
     assert "synthetic" in (tiny_release / "MADE_BY.txt").read_text().lower()
-    # The base folder carries no weights: pytorch_model.bin has every LLM weight.
-    assert not list(base.glob("*.safetensors")) and not list(base.glob("*.bin"))
+    t5 = tiny_release / json.loads((tiny_release / layout.RELEASE_DIT_CONFIG).read_text())["text_encoder_name"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (t5 / name).is_file(), name
+
+
+def test_hf_folders_load_the_way_the_official_loader_reads_them(tiny_release, release_state):
+    """``from_pretrained`` of the base LLM folder and of the T5 folder (what the official code calls
+    before the checkpoint overwrites the weights): every weight present, metadata transformers 4.44
+    needs, the base weights the LoRA-free part of the checkpoint's; tokenizer.json in the form
+    tokenizers 0.19 reads (merges as "a b" strings)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer, T5EncoderModel
+
+    base = tiny_release / "Qwen2.5-tiny"
+    t5_dir = tiny_release / json.loads((tiny_release / layout.RELEASE_DIT_CONFIG).read_text())["text_encoder_name"]
+    for folder in (base, t5_dir, tiny_release / layout.RELEASE_WHISPER_DIR):
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            assert f.metadata() == {"format": "pt"}, folder
+    model, info = AutoModelForCausalLM.from_pretrained(str(base), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    p = layout.LLM_PREFIX
+    vocab = model.config.vocab_size
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        src = p + name.replace("layernorm.weight", "layernorm.original_module.weight").replace(
+            "model.norm.weight", "model.norm.original_module.weight")
+        want = release_state[src][:vocab] if name == "model.embed_tokens.weight" else release_state[src]
+        assert torch.equal(tensor, want), name
+    merges = json.loads((base / "tokenizer.json").read_text())["model"]["merges"]
+    assert merges and all(isinstance(m, str) and m.count(" ") == 1 for m in merges)
+    t5, info = T5EncoderModel.from_pretrained(str(t5_dir), output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    for name, tensor in t5.state_dict().items():
+        assert torch.equal(tensor, release_state[layout.T5_PREFIX + name]), name
+    ids = AutoTokenizer.from_pretrained(str(t5_dir))([""], max_length=TINY.num_t5_tokens, padding="max_length",
+                                                     truncation=True)
+    assert ids["input_ids"] == [[1] + [0] * (TINY.num_t5_tokens - 1)]
+    assert ids["attention_mask"] == [[1] + [0] * (TINY.num_t5_tokens - 1)]
+
+
+def test_config_yaml_carries_every_key_the_official_loader_reads(release_yaml):
+    """Each key of config.yaml is one the converter uses, checks or knowingly ignores (the table
+    in layout.py); the sections the official inference code reads are all there."""
+    from export.convert_checkpoint import release_config_keys
+
+    walked = release_config_keys(release_yaml)
+    assert set(walked) <= set(layout.RELEASE_CONFIG_KEYS)
+    for required in ("tokenizer._target_", "tokenizer.pretrained_model_path", "tokenizer.add_tokens_path",
+                     "llm_model._target_", "llm_model.model._target_", "llm_model.model.pretrained_model_name_or_path",
+                     "llm_model.peft_config._target_", "llm_model.vocab_size", "agent_model._target_",
+                     "agent_model.input_resampler", "agent_model.output_resampler",
+                     "agent_model.whisper_resampler_llava", "seedx_dit_model_cfg._target_",
+                     "train_dataset.datapipes[0].num_t5_out_tokens", "train_dataset.datapipes[0].num_aud_out_tokens"):
+        assert required in walked, required
+    assert release_yaml["agent_model"]["input_resampler"] is None
+    assert release_yaml["seedx_dit_model_cfg"]["_target_"].endswith("AudioStory_unified")
 
 
 def test_config_yaml_fields(release_yaml, tiny_release):
@@ -197,6 +253,48 @@ def test_bridge_dit_t5_keys_and_shapes(release_state):
     t5.load_state_dict(sub(layout.T5_PREFIX), strict=True)
 
 
+def test_the_audio_hears_its_conditioning(reference, reference_result, sample_instructions):
+    """The tiny DiT and VAE respond to what they are given (export/tiny_audio.py): another clip's
+    conditioning, one second more duration, or the timestep input shifted by one step each move a
+    clip's latent by >= 1e-2 of its size (100x the export tolerance) and its audio by >= 0.1
+    (100x the audio parity tolerance); skipping one Euler step of 50 moves the audio by >= 1e-2."""
+    import numpy as np
+
+    from audiostory_ensemble import post
+    from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
+    from audiostory_ensemble.sampler import flow_sigmas, initial_noise
+
+    caption, total = sample_instructions[0]
+    clips = reference_result(caption, total).clips
+    step = reference.converted.guided_step()
+
+    def render(cond, duration, shift=False, skip=None):
+        x, s = initial_noise(0), flow_sigmas(50)
+        with torch.no_grad():
+            for i in range(50):
+                if i == skip:
+                    continue
+                sigma = s[i + 1:i + 2].clamp(min=1e-3) if shift else s[i:i + 1]
+                x = step(x, cond[None], torch.tensor([duration]), sigma, sigma + s[i + 1:i + 2] - s[i:i + 1],
+                         torch.tensor([4.0]))
+        audio = post.resample(post.trim(reference.decode(x), duration), VAE_SAMPLE_RATE, OUTPUT_SAMPLE_RATE)
+        return x, audio
+
+    base, base_audio = render(clips[0].cond, clips[0].render_duration)
+    assert np.abs(base_audio - clips[0].audio).max() <= 1e-3      # the same loop as the reference's
+    scale = float(base.abs().max())
+    faults = {"conditioning": render(clips[1].cond, clips[0].render_duration),
+              "duration": render(clips[0].cond, clips[0].render_duration + 1.0),
+              "sigma": render(clips[0].cond, clips[0].render_duration, shift=True),
+              "skipped step": render(clips[0].cond, clips[0].render_duration, skip=25)}
+    n = base_audio.shape[1]
+    for name, (latent, audio) in faults.items():
+        moved = float((latent - base).abs().max()) / scale
+        heard = float(np.abs(audio[:, :n] - base_audio).max())
+        floor = 1e-2 if name == "skipped step" else 0.1
+        assert heard >= floor and (name == "skipped step" or moved >= 1e-2), (name, moved, heard)
+
+
 def test_flux_detokenizer_folder(tiny_release):
     from diffusers import AutoencoderOobleck
     from safetensors.torch import load_file
@@ -209,7 +307,7 @@ def test_flux_detokenizer_folder(tiny_release):
         "attention_head_dim": d.attention_head_dim, "num_attention_heads": d.num_attention_heads,
         "joint_attention_dim": d.joint_attention_dim, "audio_seq_len": d.audio_seq_len,
         "max_duration": d.max_duration}
-    assert isinstance(cfg["text_encoder_name"], str)
+    assert (tiny_release / cfg["text_encoder_name"] / "config.json").is_file()
     vae_kwargs = json.loads((tiny_release / layout.RELEASE_VAE_CONFIG).read_text())
     assert vae_kwargs == TINY.vae.diffusers_kwargs()
     sd = load_file(str(tiny_release / layout.RELEASE_VAE_WEIGHTS))
