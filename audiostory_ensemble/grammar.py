@@ -43,6 +43,17 @@ def added_tokens() -> list[str]:
     )
 
 
+
+# Every token a caller's text must not spell: the tokenizer splits them out of plain text as the
+# model's own ChatML and plan tokens, so text holding one could forge a turn or a plan. Longest first,
+# so that ``<t5_00001>`` is named rather than a shorter token it contains.
+CONTROL_TOKENS = tuple(sorted(set(added_tokens()) | set(QWEN_SPECIAL_TOKENS), key=len, reverse=True))
+
+
+def control_token_in(text: str) -> str | None:
+    """The first control token (longest first) that ``text`` contains, or None for plain text."""
+    return next((t for t in CONTROL_TOKENS if t in text), None)
+
 # The reference's lead phrases; one is chosen per request by ``random.seed(seed)`` + ``choice``.
 LEAD_PHRASES = [
     "Create a long-form audio composition that explores ",

@@ -20,6 +20,8 @@ class StageMetrics:
         self.labels = {"model": model}
         self._families = {}
         self._seen_first: OrderedDict[str, float] = OrderedDict()
+        self._tracked_family = None
+        self._tracked: dict[str, object] = {}
 
     def _metric(self, name: str, description: str, kind: str, buckets=None):
         if name not in self._families:
@@ -38,11 +40,27 @@ class StageMetrics:
     def observe(self, name: str, description: str, value: float, buckets=TTFC_BUCKETS) -> None:
         self._metric(name, description, "HISTOGRAM", buckets).observe(value)
 
+    @property
+    def first_clip_ids(self) -> int:
+        return len(self._seen_first)
+
+    def tracked(self, sizes: dict[str, int]) -> None:
+        """``audiostory_tracked_entries{model, structure}``: the size of each per-request structure
+        of a stage (registries, caches, limiters, summaries), so that a bound can be watched."""
+        if self._tracked_family is None:
+            self._tracked_family = self.pb.MetricFamily(
+                name="audiostory_tracked_entries", description="Entries held in a stage's per-request structure",
+                kind=self.pb.MetricFamily.GAUGE)
+        for structure, size in sizes.items():
+            if structure not in self._tracked:
+                self._tracked[structure] = self._tracked_family.Metric(labels={**self.labels, "structure": structure})
+            self._tracked[structure].set(size)
+
     # -- the stages' metrics --------------------------------------------------------------------
     def clip_done(self, request_id: str, arrival: float, audio_seconds: float) -> None:
         self.counter("audiostory_clips_total", "Clips delivered")
         self.counter("audiostory_audio_seconds_total", "Seconds of story audio delivered", audio_seconds)
-        if request_id not in self._seen_first:
+        if request_id not in self._seen_first:    # bounded: the newest 4096 ids
             self._seen_first[request_id] = arrival
             if len(self._seen_first) > 4096:
                 self._seen_first.popitem(last=False)

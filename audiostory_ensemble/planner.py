@@ -42,10 +42,13 @@ from .checkpoint import Converted, load_converted
 from .config import (DEFAULT_DURATION_POLICY, DEFAULT_SEED, DEFAULT_TOTAL_DURATION_S, DURATION_POLICIES,
                      MAX_DURATION_S, MAX_NEW_TOKENS)
 from . import script as script_mod
+from . import serving
 from .audio_input import audio_block, continuation_instruction
 from .grammar import (ClipSpan, NoClipError, PlanError, TokenIds, build_instruction, build_prompt,
                       parse_clip_at, parse_plan)
 from .script import ScriptClip
+
+MAX_SUMMARIES = 256     # plan summaries kept (the newest); older ones are dropped
 
 class PlannerError(RuntimeError):
     """The planner could not produce a plan (engine failure, or unusable model output)."""
@@ -150,6 +153,7 @@ class Planner:
         self.pooling_engine = None
         self.summaries: dict[str, PlanSummary] = {}
         self._engine_ids: dict[str, set[str]] = {}   # plan id -> its engine request ids in flight
+        self._engine_pids: list[int] = []             # the embedded engines' processes
 
     @classmethod
     def from_model(cls, model: str | Path = "tiny", options: EngineOptions | None = None) -> "Planner":
@@ -189,18 +193,25 @@ class Planner:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.options.kv_cache_gib))))
+        before = set(serving.descendants(os.getpid()))
         self.generate_engine = AsyncLLM.from_engine_args(self._engine_args(pooling=False))
         self.pooling_engine = AsyncLLM.from_engine_args(self._engine_args(pooling=True))
+        self._engine_pids = [p for p in serving.descendants(os.getpid()) if p not in before]
         return self
 
     def shutdown(self) -> None:
+        """Stop the engines and remove the shared memory they leave (an engine core that vLLM's
+        shutdown kills, or one that died, cannot unlink its message queues)."""
         engines = [e for e in (self.generate_engine, self.pooling_engine) if e is not None]
         self.generate_engine = self.pooling_engine = None
+        pids, self._engine_pids = self._engine_pids, []
+        shm = serving.shm_mappings(pids)
         for e in engines:
             try:
                 e.shutdown()
             except Exception:  # noqa: BLE001 - best effort at teardown
                 pass
+        serving.unlink_unmapped_shm(pids, shm)
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -381,9 +392,7 @@ class Planner:
             if not finished or pending:   # stopped early (cancelled, failed, consumer gone)
                 await self.abort(rid)
             self._engine_ids.pop(rid, None)
-            self.summaries[rid] = PlanSummary(prompt, gen, self.tokenizer.decode(gen), dropped, finished, next_index)
-            if len(self.summaries) > 256:
-                self.summaries.pop(next(iter(self.summaries)))
+            self._remember(rid, PlanSummary(prompt, gen, self.tokenizer.decode(gen), dropped, finished, next_index))
 
     async def _plan_script(self, request: PlanRequest) -> AsyncIterator[PlannedClip]:
         """Script mode: the plan is forced; one pooling pass gives every clip's hidden states."""
@@ -412,7 +421,18 @@ class Planner:
             if not done:
                 await self.abort(rid)
             self._engine_ids.pop(rid, None)
-            self.summaries[rid] = PlanSummary(prompt, forced, self.tokenizer.decode(forced), [], True, len(clips))
+            self._remember(rid, PlanSummary(prompt, forced, self.tokenizer.decode(forced), [], True, len(clips)))
+
+    def _remember(self, request_id: str, summary: PlanSummary) -> None:
+        """Keep the last :data:`MAX_SUMMARIES` plans' summaries (for metrics and tests), in every mode."""
+        self.summaries.pop(request_id, None)
+        self.summaries[request_id] = summary
+        while len(self.summaries) > MAX_SUMMARIES:
+            self.summaries.pop(next(iter(self.summaries)))
+
+    def tracked(self) -> dict[str, int]:
+        """Sizes of the per-request structures (reported as ``audiostory_tracked_entries``)."""
+        return {"plan_summaries": len(self.summaries), "engine_requests": len(self._engine_ids)}
 
     def _span_ending_at(self, gen: list[int], index: int) -> ClipSpan | None:
         """The clip whose ``</aud>`` was just appended (its ``<|gen|>`` is the last one)."""

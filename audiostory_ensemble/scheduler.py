@@ -326,6 +326,10 @@ class StepScheduler:
     def active(self) -> int:
         return len(self._rows)
 
+    def tracked(self) -> dict[str, int]:
+        """Clips in the engine's rows and clips waiting to join them."""
+        return {"scheduler_rows": len(self._rows), "scheduler_pending": len(self._pending)}
+
     def close(self) -> None:
         with self._wake:
             self._closed = True

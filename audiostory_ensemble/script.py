@@ -26,13 +26,12 @@ import math
 from dataclasses import dataclass
 
 from .config import CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE, WAVE_SAMPLES
-from .grammar import QWEN_SPECIAL_TOKENS, added_tokens
+from .grammar import control_token_in
 
 WINDOW_S = WAVE_SAMPLES / VAE_SAMPLE_RATE      # what one DiT clip can hold: 29.95 s
 MIN_SEGMENT_S = 0.1
 MAX_SEGMENTS = 64
 MAX_CAPTION_BYTES = 512
-_RESERVED = tuple(sorted(set(added_tokens()) | set(QWEN_SPECIAL_TOKENS), key=len, reverse=True))
 
 
 class ScriptError(ValueError):
@@ -100,7 +99,7 @@ def parse_segments(raw: str, max_total_s: float) -> list[Segment]:
         caption = caption.strip()
         if len(caption.encode("utf-8")) > MAX_CAPTION_BYTES:
             raise ScriptError(f"SEGMENTS[{i}].caption is longer than {MAX_CAPTION_BYTES} bytes")
-        bad = next((t for t in _RESERVED if t in caption), None)
+        bad = control_token_in(caption)
         if bad is not None:
             raise ScriptError(f"SEGMENTS[{i}].caption must not contain the model's control token {bad!r}")
         if start < 0:

@@ -27,6 +27,7 @@ import numpy as np
 from . import interface as I
 from . import script
 from .config import DURATION_POLICIES, MAX_INPUT_AUDIO_S, MIN_INPUT_AUDIO_S
+from .grammar import control_token_in
 from .sampler import MAX_SEED
 
 
@@ -124,6 +125,10 @@ def parse_request(get: Callable[[str], np.ndarray | None], limits: Limits = Limi
             raise RequestError("INSTRUCTION is required (unless SEGMENTS or INPUT_AUDIO is given)")
         if not instruction.strip():
             raise RequestError("INSTRUCTION must not be empty or whitespace only")
+    bad = control_token_in(instruction)
+    if bad is not None:
+        raise RequestError(f"INSTRUCTION must not contain the model's control token {bad!r} "
+                           "(ChatML, think/gen, timestamp, t5 and aud tokens are the model's own)")
     total_given = get(I.TOTAL_DURATION.name) is not None
     total = _scalar(get, I.TOTAL_DURATION, float)
     if not (math.isfinite(total) and limits.min_total_duration <= total <= limits.max_total_duration):
@@ -320,24 +325,32 @@ class OnnxBatchRunner:
 
 class CancelRegistry:
     """Keys of cancelled stories, remembered for ``ttl`` seconds (clips of a cancelled story can
-    still be on their way between stages when the cancel arrives)."""
+    still be on their way between stages when the cancel arrives), and at most ``max_keys`` of them
+    (the oldest forgotten first), so that a flood of cancels cannot grow it without bound."""
 
-    def __init__(self, ttl: float = 600.0, clock: Callable[[], float] | None = None):
+    def __init__(self, ttl: float = 600.0, clock: Callable[[], float] | None = None, max_keys: int = 65536):
         self.ttl = ttl
+        self.max_keys = max_keys
         self._clock = clock or time.monotonic
         self._keys: dict[str, float] = {}
 
     def cancel(self, key: str) -> None:
         if key:
             self._prune()
+            self._keys.pop(key, None)
             self._keys[key] = self._clock()
+            while len(self._keys) > self.max_keys:
+                self._keys.pop(next(iter(self._keys)))
 
     def __contains__(self, key: str) -> bool:
         return bool(key) and key in self._keys
 
     def _prune(self) -> None:
         now = self._clock()
-        for k in [k for k, t in self._keys.items() if now - t > self.ttl]:
+        while self._keys:               # insertion order is time order: the expired ones lead
+            k = next(iter(self._keys))
+            if now - self._keys[k] <= self.ttl:
+                break
             del self._keys[k]
 
     def __len__(self) -> int:
@@ -470,7 +483,7 @@ class LoopThread:
 # Orphan guard
 # ------------------------------------------------------------------------------------------------
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process below ``pid``. Children are listed per thread (``task/<tid>/children``), and
     engines started from a loop thread are children of that thread, not of the main one."""
     out, frontier = [], [pid]
@@ -487,7 +500,7 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _shm_mappings(pids: list[int]) -> list[str]:
+def shm_mappings(pids: list[int]) -> list[str]:
     """The ``/dev/shm`` files the processes have mapped (vLLM's message queues, Triton's regions)."""
     out = set()
     for pid in pids:
@@ -500,6 +513,38 @@ def _shm_mappings(pids: list[int]) -> list[str]:
         except OSError:
             continue
     return sorted(out)
+
+
+def mapped_shm() -> set[str]:
+    """The ``/dev/shm`` files some live process has mapped (in use by someone)."""
+    pids = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()]
+    return set(shm_mappings(pids))
+
+
+def unlink_unmapped_shm(pids: list[int], paths: list[str], timeout: float = 10.0) -> list[str]:
+    """After stopping ``pids``: wait (up to ``timeout``) for them to exit, then remove those of
+    ``paths`` that no live process maps any more (a process killed at shutdown cannot unlink its
+    shared memory); returns what was removed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
+        time.sleep(0.1)
+    in_use = mapped_shm()
+    removed = []
+    for path in paths:
+        if path not in in_use:
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 _WATCHDOG = """
@@ -546,11 +591,11 @@ def guard_children(parent_pid: int | None = None) -> subprocess.Popen | None:
     the shared-memory files they had mapped. :func:`release_guard` tells it to exit quietly.
     """
     parent = parent_pid or os.getpid()
-    pids = _descendants(parent)
+    pids = descendants(parent)
     if not pids:
         return None
-    engine_shm = _shm_mappings(pids)
-    own_shm = [p for p in _shm_mappings([parent]) if p not in engine_shm]
+    engine_shm = shm_mappings(pids)
+    own_shm = [p for p in shm_mappings([parent]) if p not in engine_shm]
     server = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(read_fd), str(server), ",".join(map(str, pids)),

@@ -101,6 +101,8 @@ class TritonServer:
         self.env = server_env(self.triton_home, env)
         self.process: subprocess.Popen | None = None
         self._log_file = None
+        self._tree: list[int] = []
+        self._shm: list[str] = []
         # The admin header's value: given, from AUDIOSTORY_ADMIN_TOKEN, or random per start.
         self.admin_token = admin_token or os.environ.get("AUDIOSTORY_ADMIN_TOKEN") or secrets.token_hex(16)
 
@@ -168,7 +170,18 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        self._note_shm()
         return self
+
+    def _note_shm(self) -> None:
+        """Record the server tree's processes and shared memory (the python backend's regions, the
+        engines' queues): a server that crashed or was killed cannot remove them; :meth:`stop` does."""
+        from .serving import descendants, shm_mappings
+
+        if self.process is not None and self.process.poll() is None:
+            tree = [self.process.pid, *descendants(self.process.pid)]
+            self._tree = sorted(set(self._tree) | set(tree))
+            self._shm = sorted(set(self._shm) | set(shm_mappings(tree)))
 
     def is_ready(self) -> bool:
         try:
@@ -200,7 +213,11 @@ class TritonServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM the server's process group, SIGKILL what is left after ``timeout``."""
+        """SIGTERM the server's process group, SIGKILL what is left after ``timeout``; then remove
+        the shared memory the tree had mapped that nobody maps any more (after a crash or a kill)."""
+        from .serving import unlink_unmapped_shm
+
+        self._note_shm()
         proc, self.process = self.process, None
         code = None
         if proc is not None:
@@ -214,6 +231,8 @@ class TritonServer:
             code = proc.returncode
             # Children (python stubs, engine processes) share the group: make sure none survive.
             _signal_group(proc.pid, signal.SIGKILL)
+            unlink_unmapped_shm(self._tree, self._shm)
+        self._tree, self._shm = [], []
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

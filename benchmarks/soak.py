@@ -23,14 +23,14 @@ from pathlib import Path
 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble import layout
-from audiostory_ensemble.serving import _descendants
+from audiostory_ensemble.serving import descendants
 from benchmarks.bench_dit_step import commit, machine
 from benchmarks.loadgen import one_story, pct, workload
 
 
 def tree_rss_mib(pid: int) -> float:
     total = 0
-    for p in [pid, *_descendants(pid)]:
+    for p in [pid, *descendants(pid)]:
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):

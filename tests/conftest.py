@@ -3,8 +3,11 @@ content, and reused; servers and engines are started once per module or session.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,62 @@ TEST_BUILD = ROOT / "build" / "tests"
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Every process this session starts inherits this mark (servers, stubs, engines, watchdogs, their
+# children): what carries it after the session is something the suite left running. A session
+# started by this one (a nested run) inherits the mark and leaves the check to the outer one.
+SESSION_MARK = "AUDIOSTORY_TEST_SESSION"
+OUTER_SESSION = SESSION_MARK not in os.environ
+os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)
+
+
+def _processes_of_this_session() -> list[tuple[int, str]]:
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    me, out = os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        try:
+            if mark not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        # zombies are dead; this process's own multiprocessing resource tracker exits with it
+        if fields[0] == "Z" or (int(fields[1]) == me and "resource_tracker" in cmd):
+            continue
+        out.append((int(d.name), cmd[:160]))
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    """After the last test: no process the suite started and no /dev/shm segment it created is
+    still there (waiting up to 60 s for processes on their way out). What is left is removed, and
+    the session fails naming it (as an error in the last test's teardown)."""
+    from tests.serverutil import remove_orphaned_shm, shm_names
+
+    shm_before = shm_names()
+    yield
+    if not OUTER_SESSION:
+        return
+    deadline = time.monotonic() + 60
+    left = _processes_of_this_session()
+    while left and time.monotonic() < deadline:
+        time.sleep(1)
+        left = _processes_of_this_session()
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    time.sleep(1)
+    # a new segment nobody maps is a leak (a server started by hand beside the suite keeps its own)
+    shm_left = remove_orphaned_shm(shm_before)
+    assert not left and not shm_left, ("the test session left behind: "
+                                       + "; ".join([f"process {pid}: {cmd}" for pid, cmd in left]
+                                                   + [f"/dev/shm/{name}" for name in shm_left]))
 
 
 @pytest.fixture(scope="session")

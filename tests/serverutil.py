@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
+import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from audiostory_ensemble import interface as I
+from audiostory_ensemble.serving import mapped_shm
 from client.api import request_arrays
 
 
@@ -100,3 +104,79 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def shm_names() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def remove_orphaned_shm(before: set[str]) -> list[str]:
+    """Remove the /dev/shm segments made since ``before`` that no live process maps; their names."""
+    gone = sorted(shm_names() - before - {p.removeprefix("/dev/shm/") for p in mapped_shm()})
+    for name in gone:
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass
+    return gone
+
+
+class ProcessTree:
+    """A process started in its own session, taken down with everything it started.
+
+    vLLM's OpenAI server spawns its engine core and workers; killing the server's pid alone left
+    them running (reparented to init, ≈ 2.5 GiB). Their process group is the server's session, so
+    signalling the group reaches them, whether the test stops the server or kills it on purpose.
+    A killed engine cannot unlink its shared memory (vLLM's message queues): once the group is
+    gone, the segments made while it lived that nobody maps any more are removed.
+    """
+
+    def __init__(self, cmd, log, env=None):
+        self.log = log
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        self.pgid = self.proc.pid
+        self._shm_before = shm_names()
+
+    def poll(self):
+        return self.proc.poll()
+
+    def _signal(self, sig) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except ProcessLookupError:
+            pass
+
+    def members(self) -> list[int]:
+        """Live processes of the tree's group (zombies excluded)."""
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[2]) == self.pgid and fields[0] != "Z":
+                    out.append(int(d.name))
+        return out
+
+    def kill(self) -> None:
+        """SIGKILL to the whole group, now (a crash)."""
+        self._signal(signal.SIGKILL)
+        self.proc.wait(30)
+        wait_for(lambda: not self.members(), timeout=30, what="the process group to die")
+        remove_orphaned_shm(self._shm_before)
+
+    def stop(self, timeout: float = 60) -> None:
+        """SIGTERM to the group, SIGKILL to what is left after ``timeout``."""
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + timeout
+        while self.members() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self._signal(signal.SIGKILL)
+        self.proc.wait(30)
+        remove_orphaned_shm(self._shm_before)

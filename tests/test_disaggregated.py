@@ -2,7 +2,6 @@
 on loopback, Triton's `llm` model in remote mode talking to them."""
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.request
@@ -14,7 +13,7 @@ from audiostory_ensemble.remote_llm import server_command
 from audiostory_ensemble.triton_server import TritonServer, free_port
 from client.api import AudioStoryClient, AudioStoryError
 from export.make_repo import make_repo
-from tests.serverutil import infer_error
+from tests.serverutil import ProcessTree, infer_error
 
 
 def _wait_healthy(url, proc, log, timeout=600):
@@ -40,19 +39,14 @@ def tier(converted, test_build_dir):
             log = test_build_dir / f"vllm_{role}.log"
             cmd = server_command(sys.executable, converted.llm_dir, role, port,
                                  extra=("--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"))
-            procs[role] = (subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env), log)
+            procs[role] = (ProcessTree(cmd, log, env), log)
             urls[role] = f"http://127.0.0.1:{port}"
         for role, (proc, log) in procs.items():
             _wait_healthy(urls[role], proc, log)
         yield urls, procs
     finally:
-        for proc, _ in procs.values():
-            proc.terminate()
-        for proc, _ in procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for proc, _ in procs.values():     # each server with its engine core and workers
+            proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +72,7 @@ def test_the_remote_tier_gives_the_reference_story(server, reference_result, sam
 def test_a_killed_vllm_server_is_a_clear_error_and_triton_keeps_serving(server, tier, sample_instructions):
     _, procs = tier
     proc, _ = procs["pooling"]
-    proc.kill()
-    proc.wait(30)
+    proc.kill()                 # the server and its engine processes, as a crashed host would lose them
     caption, total = sample_instructions[1]
     t0 = time.monotonic()
     with pytest.raises(AudioStoryError, match="vLLM pooling server at http://127.0.0.1:[0-9]+ unreachable"):

@@ -10,7 +10,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.serving import _descendants, _shm_mappings
+from audiostory_ensemble.serving import descendants, shm_mappings
 from audiostory_ensemble.triton_server import TritonServer
 from client.api import AudioStoryClient, AudioStoryError, health_check, request_arrays
 from export.make_repo import make_repo
@@ -77,7 +77,7 @@ def test_whole_story_requests_past_the_queue_fail_fast(server, sample_instructio
 
 
 def _stub_pid(server, model: str) -> int:
-    for pid in _descendants(server.process.pid):
+    for pid in descendants(server.process.pid):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -109,9 +109,9 @@ def test_a_dead_stub_fails_requests_by_name_and_the_rest_keeps_serving(server):
 
 
 def test_killing_the_server_leaves_none_of_its_processes(server):
-    tree = _descendants(server.process.pid)
+    tree = descendants(server.process.pid)
     assert len(tree) >= 5   # stubs, vLLM engine processes, the guard
-    engine_shm = [p for p in _shm_mappings(tree) if "triton_python_backend" not in p]
+    engine_shm = [p for p in shm_mappings(tree) if "triton_python_backend" not in p]
     assert engine_shm, "vLLM's shared-memory queues were expected in the tree"
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait(30)

@@ -238,6 +238,27 @@ def test_continuation_without_an_audio_encoder_is_a_clear_error(planner, convert
         run_plan((text_only, planner[1]), PlanRequest("rain", 10.0, audio_rows=np.zeros((8, 128), np.float32)))
 
 
+def test_plan_summaries_stay_bounded_in_every_mode(planner, sample_instructions, monkeypatch):
+    """The planner remembers the newest MAX_SUMMARIES plans whatever the mode (script plans used to
+    be kept forever), and forgets each plan's engine requests when it ends."""
+    import json
+
+    from audiostory_ensemble import planner as planner_mod
+    from audiostory_ensemble import script
+
+    p, _ = planner
+    monkeypatch.setattr(planner_mod, "MAX_SUMMARIES", 3)
+    segments = script.parse_segments(json.dumps([{"start": 0.0, "end": 4.0, "caption": "a bell rings"}]), 600)
+    caption, total = sample_instructions[0]
+    for i in range(5):
+        run_plan(planner, PlanRequest("", 4.0, script=script.plan_clips(segments), request_id=f"bounded-script-{i}"))
+        assert len(p.summaries) <= 3
+    for i in range(2):
+        run_plan(planner, PlanRequest(caption, total, seed=i, request_id=f"bounded-story-{i}"))
+    assert list(p.summaries) == ["bounded-script-4", "bounded-story-0", "bounded-story-1"]
+    assert p.tracked() == {"plan_summaries": 3, "engine_requests": 0}
+
+
 # Last in the module: it kills the shared engines.
 def test_a_dead_engine_is_an_error_not_a_hang(planner, sample_instructions):
     """Runs last in this module: it kills the engines' processes."""
@@ -245,10 +266,10 @@ def test_a_dead_engine_is_an_error_not_a_hang(planner, sample_instructions):
     import signal
 
     from audiostory_ensemble.planner import PlannerError
-    from audiostory_ensemble.serving import _descendants
+    from audiostory_ensemble.serving import descendants
 
     killed = 0
-    for pid in _descendants(os.getpid()):
+    for pid in descendants(os.getpid()):
         try:
             title = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
         except OSError:
@@ -260,3 +281,4 @@ def test_a_dead_engine_is_an_error_not_a_hang(planner, sample_instructions):
     caption, total = sample_instructions[0]
     with pytest.raises(PlannerError, match="engine"):
         run_plan(planner, PlanRequest(caption, total))
+

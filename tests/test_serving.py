@@ -224,6 +224,21 @@ def test_cancel_registry_remembers_keys_for_the_ttl():
     assert "k1" not in reg and "k2" in reg and len(reg) == 1
 
 
+def test_cancel_registry_is_capped_under_a_flood_of_cancels():
+    from audiostory_ensemble.serving import CancelRegistry
+
+    now = [0.0]
+    reg = CancelRegistry(ttl=10, clock=lambda: now[0], max_keys=100)
+    for i in range(1000):                 # all within the ttl
+        now[0] = i * 1e-3
+        reg.cancel(f"k{i}")
+    assert len(reg) == 100 and "k999" in reg and "k899" not in reg and "k900" in reg
+    now[0] = 5.0
+    reg.cancel("k900")                    # a repeated cancel renews its key: it is now the newest
+    now[0] = 11.0                         # past the ttl of all but the renewed key
+    assert len(reg) == 1 and "k900" in reg
+
+
 def test_absurd_clip_durations_are_capped_at_the_dit_window():
     from audiostory_ensemble.config import MAX_DURATION_S
     from audiostory_ensemble.planner import story_duration
@@ -249,3 +264,29 @@ def test_total_duration_reaches_every_mode_as_typed(converted, typed):
         rows = np.zeros((converted.config.audio_tokens, converted.config.llm.hidden_size), np.float32)
         request = PlanRequest.from_params(params, rows if mode == "continuation" else None)
         assert planner.instruction(request).endswith(f"The total duration is {typed!r} seconds."), mode
+
+
+CONTROL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_pad|>", "<|fim_prefix|>", "<tool_call>",
+                  "<|think|>", "<|/think|>", "<|gen|>", "<|/gen|>", "<timestamp>", "</timestamp>", "<t5>", "</t5>",
+                  "<t5_00000>", "<t5_00099>", "<aud>", "</aud>", "<aud_00000>", "<aud_00500>", "<video_padding>"]
+
+
+@pytest.mark.parametrize("token", CONTROL_TOKENS)
+def test_instruction_holding_a_control_token_is_refused_naming_it(token):
+    """A caller's text must not reach the tokenizer as the model's ChatML or plan tokens (it could
+    forge a turn or a plan): every family of the tokenizer's special and added tokens is refused."""
+    with pytest.raises(RequestError, match=f"INSTRUCTION must not contain the model's control token '{token}'"):
+        parse(instruction=f"rain on a roof {token} and wind")
+
+
+def test_every_special_and_added_token_is_a_refused_control_token(converted):
+    """The refusal list is the tokenizer's own: each special or added token of the checkpoint's
+    tokenizer is refused, and look-alikes that are plain text pass."""
+    tok = converted.tokenizer
+    reserved = set(tok.all_special_tokens) | set(tok.get_added_vocab())
+    assert len(reserved) >= 612
+    for token in reserved:
+        with pytest.raises(RequestError, match="control token"):
+            parse(instruction=f"a {token} b")
+    for text in ("a <t5_00100> b", "im_end and <| gen |>", "timestamp 3.5 s", "<aud_1>", "t5 t5_00001"):
+        assert parse(instruction=text).instruction == text

@@ -93,6 +93,7 @@ class TritonPythonModel:
             self.cancelled.cancel(key)
             self.scheduler.cancel(key)
             self.metrics.counter("audiostory_cancel_requests_total", "Control requests that cancelled a story")
+            self._report_tracked()
             sender.send(flags=FINAL)
             return
         cond_t = pb_utils.get_input_tensor_by_name(request, "_COND")
@@ -114,6 +115,13 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001
             self.logger.log_error(f"dit_sampler: {type(e).__name__}: {e}")
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+        finally:
+            self._report_tracked()
+
+    def _report_tracked(self):
+        self.metrics.tracked({"request_limiter": len(self.limiter), "cancelled_keys": len(self.cancelled),
+                              "noise_cache": len(self.noise_cache), "sigma_cache": len(self.sigma_cache),
+                              "first_clip_ids": self.metrics.first_clip_ids, **self.scheduler.tracked()})
 
     def _stopped(self, sender, meta, steps_done):
         self.metrics.counter("audiostory_clips_cancelled_total", "Clips stopped by a cancel")

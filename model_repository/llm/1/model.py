@@ -85,6 +85,11 @@ class TritonPythonModel:
             self.loop.loop.call_soon_threadsafe(task.cancel)
         self.metrics.counter("audiostory_cancel_requests_total", "Control requests that cancelled a story")
         self.logger.log_info(f"llm: cancel {key}: {len(tasks)} plan(s) in flight")
+        self._report_tracked()
+
+    def _report_tracked(self):
+        self.metrics.tracked({"plans_by_key": len(self.plans_by_key), "cancelled_keys": len(self.cancelled),
+                              **self.planner.tracked()})
 
     async def _serve(self, key, params, sender, arrival):
         if key in self.cancelled:
@@ -99,6 +104,7 @@ class TritonPythonModel:
             tasks.discard(task)
             if not tasks:
                 self.plans_by_key.pop(key, None)
+            self._report_tracked()
 
     async def _plan(self, key, params, sender, arrival):
         sent_final = False
