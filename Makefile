@@ -52,7 +52,7 @@ engines:
 	$(PY) export/build_engines.py --model $(MODEL)
 
 repo: export
-	$(PY) export/make_repo.py --profile $(PROFILE) --model $(MODEL) $(if $(SETTINGS),--settings $(SETTINGS))
+	$(PY) export/make_repo.py --profile $(PROFILE) --model $(MODEL) $(if $(SETTINGS),--settings $(SETTINGS)) $(if $(ENGINES),--engines $(ENGINES))
 
 demo: repo
 	$(PY) scripts/demo.py --model $(MODEL)
