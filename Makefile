@@ -9,7 +9,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all tiny convert export engines repo serve demo web bench bench-orchestration soak perf deploy-check clean
+.PHONY: help setup test test-all tiny convert export engines repo serve demo web bench bench-orchestration soak perf deploy-check gpu-lock clean
 
 help:
 	@echo "make setup       install the venv, Triton 2.51 and perf_analyzer (idempotent)"
@@ -23,7 +23,8 @@ help:
 	@echo "make serve       start Triton on build/model_repository (loopback; ADDRESS/..._PORT to change)"
 	@echo "make bench       baseline + concurrency sweep + plot (starts its own server; build/bench/)"
 	@echo "make bench-orchestration  what our loop costs per DiT step: null-cost engines, this tree vs a baseline commit"
-	@echo "make deploy-check  offline checks of deploy/: chart renders and validates, Dockerfile lint, compose schema"
+	@echo "make deploy-check  checks of deploy/: chart renders and validates, Dockerfile lint, compose schema, GPU lock installs"
+	@echo "make gpu-lock    resolve requirements-gpu.txt for the GPU image into requirements-gpu.lock (PYTHON312=...)"
 	@echo "make web         the web playground on 127.0.0.1:7860 for a running server (URL=host:grpc-port)"
 	@echo "make soak        1,000 short stories at concurrency 16: lost/duplicated clips, errors, memory"
 	@echo "make perf        perf_analyzer sweep against a running server (URL=host:port)"
@@ -52,7 +53,7 @@ engines:
 	$(PY) export/build_engines.py --model $(MODEL)
 
 repo: export
-	$(PY) export/make_repo.py --profile $(PROFILE) --model $(MODEL) $(if $(SETTINGS),--settings $(SETTINGS))
+	$(PY) export/make_repo.py --profile $(PROFILE) --model $(MODEL) $(if $(SETTINGS),--settings $(SETTINGS)) $(if $(ENGINES),--engines $(ENGINES))
 
 demo: repo
 	$(PY) scripts/demo.py --model $(MODEL)
@@ -83,3 +84,14 @@ clean:
 
 deploy-check:
 	build/deploy-venv/bin/python deploy/check.py
+
+# The GPU image's lock (CPython 3.12: pip evaluates markers for the interpreter it runs on), then the
+# numpy-2 test venv's lock (this host's python3, from build/deploy-venv) with the image's versions.
+PYTHON312 ?= python3.12
+LOCK_VENV := build/lock-venv312
+gpu-lock:
+	@command -v $(PYTHON312) >/dev/null || { echo "make gpu-lock: no $(PYTHON312); give a CPython 3.12: make gpu-lock PYTHON312=/path/to/python3.12" >&2; exit 2; }
+	[ -x $(LOCK_VENV)/bin/python ] || $(PYTHON312) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q pip==26.3 packaging==26.4
+	$(LOCK_VENV)/bin/python deploy/gpu_lock.py resolve-gpu
+	build/deploy-venv/bin/python deploy/gpu_lock.py resolve-numpy2

@@ -43,6 +43,7 @@ Converted (``export/convert_checkpoint.py`` writes, every later stage reads)::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 # ---- official state-dict prefixes (pytorch_model.bin) --------------------------------------
@@ -133,7 +134,8 @@ AUDIO_RESAMPLER_WEIGHTS = "audio_resampler.safetensors"
 MANIFEST = "manifest.json"
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-BUILD = PROJECT_ROOT / "build"
+# Everything generated. AUDIOSTORY_BUILD moves it: the numpy-2 test run keeps its artefacts apart.
+BUILD = Path(os.environ["AUDIOSTORY_BUILD"]).resolve() if os.environ.get("AUDIOSTORY_BUILD") else PROJECT_ROOT / "build"
 
 
 def release_dir(model: str) -> Path:

@@ -1,4 +1,5 @@
-"""Offline checks of the deployment artefacts (run with build/deploy-venv's python).
+"""Checks of the deployment artefacts (run with build/deploy-venv's python): offline, except the GPU
+lock's, which reads package metadata from the index.
 
     python deploy/check.py                 # everything; a summary, exit 1 on a failure (--json: all of it)
     python deploy/check.py --validate FILE # only: validate the manifests in FILE (a YAML stream)
@@ -9,7 +10,10 @@
 - every rendered object validates strictly (unknown fields are errors) against the JSON schemas
   of Kubernetes KUBE_VERSION (kubernetes-validate); kinds without a schema there are errors,
   except the CRD kinds listed in ALLOWED_CRDS, which get a structural check;
-- the Dockerfile passes hadolint; the compose file validates against the compose-spec schema.
+- the Dockerfile passes hadolint; the compose file validates against the compose-spec schema;
+- requirements-gpu.lock installs on the image's target (deploy/gpu_lock.py: a pip dry run with the
+  image's Python version and platform tags, wheels only, then its dependencies for the image's
+  markers); this one needs the package index (metadata only where the index allows).
 """
 from __future__ import annotations
 
@@ -119,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     summary["compose"] = out
     if rc:
         summary["errors"].append(f"compose: {out}")
+    import gpu_lock   # beside this file
+
+    summary["gpu_lock"] = gpu_lock.check()
+    summary["errors"] += [f"gpu lock: {e}" for e in summary["gpu_lock"]["errors"]]
     if args.json:
         print(json.dumps(summary))
     else:
@@ -126,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"chart ({label} values): {len(names)} objects valid for Kubernetes {KUBE_VERSION}: {', '.join(names)}")
         print(f"Dockerfile (hadolint): {summary['hadolint']}")
         print(f"compose.yaml (compose-spec): {summary['compose']}")
+        g = summary["gpu_lock"]
+        print(f"{g['lock']} ({g['image']}, CPython {g['python']}): {g['pins']} pins, "
+              + ("install on the image, dependencies complete" if not g["errors"] else "FAILED")
+              + (f" ({g['seconds']} s)" if "seconds" in g else ""))
         for e in summary["errors"]:
             print(f"ERROR: {e}")
         print("deploy checks: " + ("FAILED" if summary["errors"] else "passed"))

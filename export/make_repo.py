@@ -1,6 +1,7 @@
 """Fill the model-repository templates into a deployable Triton repository.
 
     python export/make_repo.py --profile cpu --model tiny [--out build/model_repository] [--settings S.json]
+    python export/make_repo.py --profile gpu --model full [--engines build/engines/full/engines.json]
 
 One source of truth: tensor names/shapes come from ``audiostory_ensemble.interface`` and the
 converted checkpoint's ``model_config.json``; batch sizes, instance counts, engine options and
@@ -186,7 +187,7 @@ def render(template: str, values: dict, where: str) -> str:
 
 
 def make_repo(profile: str, model: str, out: Path, settings_path: Path | None = None,
-              onnx_dir: Path | None = None) -> Path:
+              onnx_dir: Path | None = None, engines_manifest: Path | None = None) -> Path:
     if profile not in PROFILES:
         raise SystemExit(f"make_repo: profile must be one of {sorted(PROFILES)}, got {profile!r}")
     settings = json.loads(json.dumps(PROFILES[profile]))
@@ -202,9 +203,12 @@ def make_repo(profile: str, model: str, out: Path, settings_path: Path | None = 
                 settings[key] = value
     checkpoint = layout.converted_dir(model) if not Path(model).exists() else Path(model).resolve()
     onnx_dir = Path(onnx_dir).resolve() if onnx_dir else layout.export_dir(model)
-    engines_dir = layout.BUILD / "engines" / model
+    # The engines manifest (build_engines.py writes it beside the plans); generating needs no GPU.
+    manifest = Path(engines_manifest).resolve() if engines_manifest else layout.BUILD / "engines" / model / "engines.json"
+    if engines_manifest and not manifest.is_file():
+        raise SystemExit(f"make_repo: engines manifest {manifest} not found")
+    engines_dir = manifest.parent
     if profile == "gpu" and not settings.get("engines", {}).get("dit_step"):
-        manifest = engines_dir / "engines.json"
         if manifest.exists():
             settings["engines"] = json.loads(manifest.read_text())["engines"]
     common = {**fields(profile, settings, checkpoint), **dit_engine_fields(settings, onnx_dir)}
@@ -236,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(layout.BUILD / "model_repository"))
     ap.add_argument("--settings", default=None, help="JSON overrides of the profile's settings")
     ap.add_argument("--onnx-dir", default=None, help="exported graphs (default: build/export/MODEL)")
+    ap.add_argument("--engines", default=None,
+                    help="gpu: engines manifest, plans beside it (default: build/engines/MODEL/engines.json)")
     args = ap.parse_args(argv)
     make_repo(args.profile, args.model, Path(args.out), Path(args.settings) if args.settings else None,
-              Path(args.onnx_dir) if args.onnx_dir else None)
+              Path(args.onnx_dir) if args.onnx_dir else None, Path(args.engines) if args.engines else None)
     return 0
 
 

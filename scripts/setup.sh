@@ -7,7 +7,8 @@
 #   build/tritonserver/    Triton Inference Server 2.51 taken out of the nvidia-pytriton wheel
 #   build/perf-venv/       perf_analyzer (tritonclient 2.51, the last build that runs on this glibc)
 #   build/web-venv/        the web playground (gradio, selenium) over the project venv
-#   build/deploy-venv/     offline checks of deploy/ (helm engine, Kubernetes schemas, linters)
+#   build/deploy-venv/     checks of deploy/ (helm engine, Kubernetes schemas, linters, pip for the GPU lock)
+#   build/numpy2-venv/     the GPU image's numpy 2 (with its torch, transformers, diffusers) for tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -122,6 +123,21 @@ if ! stamp_ok "$DEPLOY_VENV/.setup-stamp" "$deploy_hash"; then
     && "$DEPLOY_VENV/bin/hadolint" --version >/dev/null \
     || { echo "setup: the deploy venv does not work" >&2; exit 1; }
   echo "$deploy_hash" > "$DEPLOY_VENV/.setup-stamp"
+fi
+
+# 7. The numpy-2 test venv (requirements-numpy2.lock: the GPU image's numpy, torch, transformers,
+#    diffusers, onnx, tritonclient; onnxruntime and torch as CPU builds): tests/test_numpy2.py runs
+#    the tests that need neither tritonserver nor vLLM in it. Standalone, nothing shared.
+NUMPY2_VENV="$BUILD/numpy2-venv"
+numpy2_hash=$(cat requirements-numpy2.lock | sha256sum | cut -c1-16)
+if ! stamp_ok "$NUMPY2_VENV/.setup-stamp" "$numpy2_hash"; then
+  log "numpy-2 venv: requirements-numpy2.lock"
+  rm -rf "$NUMPY2_VENV"
+  "$PY" -m venv "$NUMPY2_VENV"
+  "$NUMPY2_VENV/bin/pip" install -q --no-deps -r requirements-numpy2.lock
+  "$NUMPY2_VENV/bin/python" -c "import numpy, torch, transformers, diffusers, onnx, onnxruntime, soxr, soundfile, tritonclient.grpc, tritonclient.http, pytest; assert numpy.__version__.startswith('2.'), numpy.__version__" \
+    || { echo "setup: the numpy-2 venv does not work" >&2; exit 1; }
+  echo "$numpy2_hash" > "$NUMPY2_VENV/.setup-stamp"
 fi
 
 log "done: venv $(du -sh "$VENV" | cut -f1), tritonserver $(du -sh "$TRITON_DIR" | cut -f1)"

@@ -1,5 +1,6 @@
 """deploy/: the chart renders and validates against pinned Kubernetes schemas, the Dockerfile and
-compose file pass their linters (offline, tools from build/deploy-venv); GPU placement settings."""
+compose file pass their linters (offline, tools from build/deploy-venv), the GPU lock installs on the
+image's target (pip against the package index); GPU placement settings."""
 import json
 import subprocess
 from pathlib import Path
@@ -72,6 +73,17 @@ def test_object_store_values_fetch_the_release_and_keep_plans_on_a_pvc(rendered)
     volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
     assert "emptyDir" in volumes["release"]
     assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "audiostory-engines"
+
+
+def test_the_gpu_lock_installs_on_the_image(rendered):
+    """The image's pip dry run (CPython 3.12, manylinux_2_39 x86_64, wheels only) for every pin, and
+    the dependencies complete for the image's markers (tests/test_gpu_lock.py plants the drifts)."""
+    lock = rendered["gpu_lock"]
+    pins = [ln for ln in (ROOT / "requirements-gpu.lock").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert lock["errors"] == [] and lock["pins"] == len(pins) and lock["python"] == "3.12.3", lock
+    assert "nvcr.io/nvidia/tritonserver:25.10-py3" in (ROOT / "deploy" / "Dockerfile").read_text()
+    assert lock["image"] == "nvcr.io/nvidia/tritonserver:25.10-py3"
+    assert [p for p in pins if p.startswith("numpy==")][0].startswith("numpy==2."), "vllm 0.32 needs numpy 2"
 
 
 BAD = {

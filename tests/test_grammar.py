@@ -1,9 +1,11 @@
 """Tokens, prompt and the plan parser (no model needed: a toy vocabulary stands in for ids)."""
 import random
 
+import numpy as np
 import pytest
 
 from audiostory_ensemble import grammar as G
+from audiostory_ensemble.audio_input import continuation_instruction
 
 
 def toy_vocab(n=3, m=2):
@@ -46,6 +48,21 @@ def test_prompt_matches_reference_format():
     prompt = G.build_prompt(instruction)
     assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n<|think|>")
+
+
+@pytest.mark.parametrize("total, text", [
+    (50, "50.0"), (12.3, "12.3"), (7.25, "7.25"), (600.0, "600.0"), (0.1, "0.1"),
+    (np.float64(12.3), "12.3"), (np.float32(12.5), "12.5"), (np.int64(50), "50.0"), (np.int32(8), "8.0"),
+])
+def test_the_duration_sentence_prints_a_float_the_same_under_numpy_1_and_2(total, text):
+    """A Python float's repr, as the official code writes it; numpy scalars print as their value
+    (numpy 2's repr would say ``np.float64(12.3)``). Also run under numpy 2: tests/test_numpy2.py."""
+    sentence = f"The total duration is {text} seconds."
+    assert G.build_instruction("rain on a roof", total, seed=0).endswith(" roof " + sentence)
+    assert continuation_instruction("rain", total) == f"{G_CONTINUATION} of rain. {sentence}"
+
+
+G_CONTINUATION = "Understand the input audio, infer the subsequent events, and generate the continued audio"
 
 
 def test_lead_choice_uses_private_rng_and_matches_global_seeding():

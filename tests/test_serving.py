@@ -38,6 +38,20 @@ def test_bad_values_name_the_field(params, field):
         parse(**params)
 
 
+@pytest.mark.parametrize("params, message", [
+    (dict(instruction="a", total_duration=float("nan")), "TOTAL_DURATION must be a number in [1.0, 600.0] seconds, got nan"),
+    (dict(instruction="a", total_duration=1e4), "TOTAL_DURATION must be a number in [1.0, 600.0] seconds, got 10000.0"),
+    (dict(instruction="a", guidance=0.5), "GUIDANCE_SCALE must be in [1.0, 20.0] (1 = no guidance), got 0.5"),
+    (dict(instruction="a", seed=-3), "SEED must be in [0, 2^63-1], got -3"),
+    (dict(instruction="a", num_steps=0), "NUM_STEPS must be in [1, 200], got 0"),
+])
+def test_refusals_print_the_request_values_as_plain_numbers(params, message):
+    """The values come out of FP32/INT64/INT32 arrays; the message is the same under numpy 1 and 2."""
+    with pytest.raises(RequestError) as e:
+        parse(**params)
+    assert str(e.value) == message
+
+
 def test_wrong_dtype_and_shape_name_the_field():
     arrays = request_arrays("rain")
     arrays[I.SEED.name] = np.array([1.5], dtype=np.float32)
