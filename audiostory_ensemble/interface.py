@@ -37,7 +37,8 @@ class Tensor:
 
 # ---- request inputs (`audiostory_stream`, the ensemble `audiostory`, `audiostory_full`) ---------------------------
 INSTRUCTION = Tensor("INSTRUCTION", "BYTES", (1,), "what the story is about (UTF-8 text); required "
-                     "unless SEGMENTS or INPUT_AUDIO is given", "", True)
+                     "unless SEGMENTS or INPUT_AUDIO is given; refused if it holds one of the model's control "
+                     "tokens", "", True)
 TOTAL_DURATION = Tensor("TOTAL_DURATION", "FP32", (1,), "requested story length in seconds",
                         DEFAULT_TOTAL_DURATION_S, True)
 GUIDANCE_SCALE = Tensor("GUIDANCE_SCALE", "FP32", (1,), "classifier-free guidance scale",
