@@ -21,9 +21,10 @@ import uuid
 
 import numpy as np
 
-CANCEL_INPUT = "_CANCEL"          # control input of `llm` and `dit_sampler`: BYTES [1], the key
-STORY_KEY_INPUT = "_STORY_KEY"    # optional input of `audiostory_stream`: a caller-chosen key
-CANCEL_TARGETS = ("llm", "dit_sampler")
+from .names import CANCEL as CANCEL_INPUT          # control input of the targets: BYTES [1], the key
+from .names import CANCEL_TARGETS
+from .names import STORY_KEY as STORY_KEY_INPUT    # optional input of `audiostory_stream`: a caller's key
+
 BUSY = "server busy"              # how the front door's admission refusal begins (UNAVAILABLE)
 _KEY = re.compile(r"^[0-9a-f]{32}$")
 

@@ -89,10 +89,6 @@ class EngineOptions:
             raise ValueError(f"unknown engine option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
 
-    @classmethod
-    def from_json(cls, path: str | Path) -> "EngineOptions":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
 
 @dataclass
 class PlanRequest:

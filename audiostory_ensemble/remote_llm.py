@@ -82,14 +82,6 @@ class _RemoteServer:
             for task in list(self._tasks.get(rid, ())):
                 task.cancel()     # closes the HTTP request: the server aborts it
 
-    async def health(self) -> None:
-        import aiohttp
-
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-            async with s.get(self.url + "/health") as r:
-                if r.status != 200:
-                    raise RemoteEngineError(f"{self.what} at {self.url}: /health answered {r.status}")
-
     def shutdown(self) -> None:
         session, self._session = self._session, None
         if session is not None and not session.closed:

@@ -547,41 +547,6 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-_WATCHDOG = """
-import os, signal, sys, time
-fd, server = int(sys.argv[1]), int(sys.argv[2])
-pids = [int(p) for p in sys.argv[3].split(",") if p]
-engine_shm = [p for p in sys.argv[4].split(",") if p]
-own_shm = [p for p in sys.argv[5].split(",") if p]
-try:
-    said = os.read(fd, 1)
-except OSError:
-    said = b""
-if said == b"q":          # clean shutdown: the engines were stopped and cleaned up by their owner
-    sys.exit(0)
-for sig in (signal.SIGTERM, signal.SIGKILL):
-    for p in pids:
-        try:
-            os.kill(p, sig)
-        except OSError:
-            pass
-    time.sleep(3)
-def server_alive():
-    try:
-        os.kill(server, 0)
-        return True
-    except OSError:
-        return False
-# Shared memory outlives its processes: remove the engines' regions, and the stub's own ones when
-# the server is gone too (a live server still owns and removes those).
-for path in engine_shm + ([] if server_alive() else own_shm):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-"""
-
-
 def guard_children(parent_pid: int | None = None) -> subprocess.Popen | None:
     """Start a watchdog that kills this process's current descendants when this process dies.
 
@@ -598,10 +563,13 @@ def guard_children(parent_pid: int | None = None) -> subprocess.Popen | None:
     own_shm = [p for p in shm_mappings([parent]) if p not in engine_shm]
     server = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
     read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(read_fd), str(server), ",".join(map(str, pids)),
-                             ",".join(engine_shm), ",".join(own_shm)], pass_fds=(read_fd,),
+    # The package's folder on the watchdog's path: a stub may import it from a path of its own.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "audiostory_ensemble.watchdog", str(read_fd), str(server),
+                             ",".join(map(str, pids)), ",".join(engine_shm), ",".join(own_shm)], pass_fds=(read_fd,),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            env=env, start_new_session=True)
     os.close(read_fd)
     # Keep write_fd open for the life of this process; it closes when the process dies.
     _KEEP.append(write_fd)

@@ -26,13 +26,13 @@ from pathlib import Path
 
 from audiostory_ensemble import control
 from audiostory_ensemble import interface as I
-from audiostory_ensemble import layout
+from audiostory_ensemble import layout, names
 from audiostory_ensemble.checkpoint import load_converted
 from audiostory_ensemble.serving import Limits
 
 TEMPLATES = layout.PROJECT_ROOT / "model_repository"
-PIPELINE = ("llm", "bridge", "dit_sampler", "dit_step", "vae_decoder", "audiostory",
-            "audiostory_stream", "audiostory_full")
+PIPELINE = (names.LLM, names.BRIDGE, names.SAMPLER, names.DIT_STEP, names.VAE, I.ENSEMBLE, I.STREAM_MODEL,
+            I.FULL_MODEL)      # the template folders, by the names their models are served under
 ONNX_MODEL_PY = TEMPLATES / "dit_step" / "1" / "model.py"   # shared by dit_step and vae_decoder
 
 PROFILES = {
@@ -211,7 +211,8 @@ def make_repo(profile: str, model: str, out: Path, settings_path: Path | None = 
     if profile == "gpu" and not settings.get("engines", {}).get("dit_step"):
         if manifest.exists():
             settings["engines"] = json.loads(manifest.read_text())["engines"]
-    common = {**fields(profile, settings, checkpoint), **dit_engine_fields(settings, onnx_dir)}
+    common = {**fields(profile, settings, checkpoint), **dit_engine_fields(settings, onnx_dir),
+              **names.template_fields()}
     if out.exists():
         shutil.rmtree(out)
     for name in PIPELINE:

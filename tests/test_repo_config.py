@@ -238,7 +238,7 @@ FAULTS = {
                                                "max_batch_size: 32", "max_batch_size 32"),
     "a misspelt field": ("cpu", "bridge", "instance_group [", "instance_groups [", "not a ModelConfig"),
     "KIND_GPU on a CPU host": ("cpu", "bridge", "kind: KIND_CPU", "kind: KIND_GPU", "KIND_GPU in the cpu"),
-    "an ensemble step reading an input its model lacks": ("cpu", "audiostory", 'input_map { key: "_SEM"',
+    "an ensemble step reading an input its model lacks": ("cpu", "audiostory", 'input_map { key: "${t_sem}"',
                                                           'input_map { key: "_SEMX"', "bridge has no input _SEMX"),
 }
 

@@ -22,12 +22,12 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from audiostory_ensemble import control, serving
+from audiostory_ensemble import control, names, serving
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.metrics import StageMetrics
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-PLAN_OUTPUTS = ["_SEM", "_RES", "_META"]
+PLAN_OUTPUTS = [names.SEM, names.RES, names.META]
 
 
 class StageError(RuntimeError):
@@ -39,7 +39,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         params = json.loads(args["model_config"]).get("parameters", {})
         param = lambda key, default: params.get(key, {}).get("string_value", default)  # noqa: E731
-        self.llm, self.bridge, self.sampler = param("llm", "llm"), param("bridge", "bridge"), param("sampler", "dit_sampler")
+        self.llm, self.bridge, self.sampler = param("llm", names.LLM), param("bridge", names.BRIDGE), param("sampler", names.SAMPLER)
         self.limits = serving.Limits(**json.loads(param("limits", "{}")))
         self.poll_s = 0.05
         self.active = 0
@@ -98,11 +98,11 @@ class TritonPythonModel:
             tensors = [pb_utils.Tensor(n, pb_utils.get_output_tensor_by_name(plan_response, n).as_numpy())
                        for n in PLAN_OUTPUTS]
             result = await pb_utils.InferenceRequest(
-                model_name=self.bridge, inputs=tensors, requested_output_names=["_COND", "_META"]).async_exec()
+                model_name=self.bridge, inputs=tensors, requested_output_names=[names.COND, names.META]).async_exec()
             if result.has_error():
                 raise StageError(f"{self.bridge}: {result.error().message()}")
             cond = [pb_utils.Tensor(n, pb_utils.get_output_tensor_by_name(result, n).as_numpy())
-                    for n in ("_COND", "_META")]
+                    for n in (names.COND, names.META)]
         except Exception as e:  # noqa: BLE001
             events.put_nowait((tag, e if isinstance(e, StageError) else StageError(f"{type(e).__name__}: {e}")))
             events.put_nowait((tag, None))
@@ -146,7 +146,7 @@ class TritonPythonModel:
                 stop_reason = "error"
                 break
             if tag == "plan":
-                if pb_utils.get_output_tensor_by_name(item, "_SEM") is None:
+                if pb_utils.get_output_tensor_by_name(item, names.SEM) is None:
                     continue             # an empty final response
                 open_streams += 1
                 work.append(loop.create_task(self._clip(loop, events, item, key, f"clip{clips}")))
@@ -161,7 +161,7 @@ class TritonPythonModel:
                 pb_utils.Tensor(t.name, pb_utils.get_output_tensor_by_name(item, t.name).as_numpy())
                 for t in I.CLIP_OUTPUTS]))
         if stop_reason is not None:
-            errors = await control.cancel_story(pb_utils, key)
+            errors = await control.cancel_story(pb_utils, key, (self.llm, self.sampler))
             if errors:
                 self.logger.log_warn(f"audiostory_stream: cancel {key}: {'; '.join(errors)}")
             if stop_reason == "cancelled":

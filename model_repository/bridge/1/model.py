@@ -5,6 +5,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from audiostory_ensemble import names
 from audiostory_ensemble.checkpoint import load_converted
 
 
@@ -18,15 +19,15 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            sem = pb_utils.get_input_tensor_by_name(request, "_SEM")
-            res = pb_utils.get_input_tensor_by_name(request, "_RES")
-            meta = pb_utils.get_input_tensor_by_name(request, "_META")
+            sem = pb_utils.get_input_tensor_by_name(request, names.SEM)
+            res = pb_utils.get_input_tensor_by_name(request, names.RES)
+            meta = pb_utils.get_input_tensor_by_name(request, names.META)
             if sem is None or res is None or meta is None:  # a final-flag placeholder
                 responses.append(pb_utils.InferenceResponse([]))
                 continue
             cond = self.bridge(torch.from_numpy(sem.as_numpy()[None]), torch.from_numpy(res.as_numpy()[None]))[0]
             responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("_COND", np.ascontiguousarray(cond.numpy(), dtype=np.float32)),
-                pb_utils.Tensor("_META", meta.as_numpy()),
+                pb_utils.Tensor(names.COND, np.ascontiguousarray(cond.numpy(), dtype=np.float32)),
+                pb_utils.Tensor(names.META, meta.as_numpy()),
             ]))
         return responses

@@ -25,7 +25,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from audiostory_ensemble import control, post, serving
+from audiostory_ensemble import control, names, post, serving
+from audiostory_ensemble import interface as I
 from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
 from audiostory_ensemble.metrics import BatchMetrics, StageMetrics
 from audiostory_ensemble.sampler import flow_sigmas, initial_noise
@@ -40,7 +41,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         params = json.loads(args["model_config"]).get("parameters", {})
         param = lambda key, default: params.get(key, {}).get("string_value", default)  # noqa: E731
-        self.vae_model = param("vae_model", "vae_decoder")
+        self.vae_model = param("vae_model", names.VAE)
         self.bls_timeout_s = float(param("bls_timeout_s", "30"))
         self.bls_attempts = int(param("bls_attempts", "4"))
         self.poll_s = float(param("poll_s", "0.25"))
@@ -61,7 +62,7 @@ class TritonPythonModel:
             self.batch_metrics = BatchMetrics(StageMetrics(pb_utils, "dit_step"), "dit_step")
             on_batch = self.batch_metrics.add
         elif kind == "triton":
-            engine = TritonStepEngine(pb_utils, param("step_model", "dit_step"), capacity, n,
+            engine = TritonStepEngine(pb_utils, param("step_model", names.DIT_STEP), capacity, n,
                                       int(param("step_max_batch", "16")), self.bls_timeout_s)
             self.batch_metrics = None
         else:
@@ -96,8 +97,8 @@ class TritonPythonModel:
             self._report_tracked()
             sender.send(flags=FINAL)
             return
-        cond_t = pb_utils.get_input_tensor_by_name(request, "_COND")
-        meta_t = pb_utils.get_input_tensor_by_name(request, "_META")
+        cond_t = pb_utils.get_input_tensor_by_name(request, names.COND)
+        meta_t = pb_utils.get_input_tensor_by_name(request, names.META)
         if cond_t is None or meta_t is None:  # a final-flag placeholder
             sender.send(flags=FINAL)
             return
@@ -174,13 +175,13 @@ class TritonPythonModel:
         audio = await asyncio.to_thread(
             lambda: post.resample(post.trim(wave, meta.render_s), VAE_SAMPLE_RATE, OUTPUT_SAMPLE_RATE))
         sender.send(pb_utils.InferenceResponse([
-            pb_utils.Tensor("CLIP_AUDIO", np.ascontiguousarray(audio, dtype=np.float32)),
-            pb_utils.Tensor("CLIP_INDEX", np.array([meta.index], dtype=np.int32)),
-            pb_utils.Tensor("CAPTION", np.array([meta.caption.encode()], dtype=np.object_)),
-            pb_utils.Tensor("CLIP_START_S", np.array([meta.start_s], dtype=np.float32)),
-            pb_utils.Tensor("CLIP_DURATION_S", np.array([meta.duration_s], dtype=np.float32)),
-            pb_utils.Tensor("IS_LAST", np.array([meta.is_last], dtype=np.bool_)),
-            pb_utils.Tensor("PLAN", np.array([json.dumps(meta.plan_entry()).encode()], dtype=np.object_)),
+            pb_utils.Tensor(I.CLIP_AUDIO.name, np.ascontiguousarray(audio, dtype=np.float32)),
+            pb_utils.Tensor(I.CLIP_INDEX.name, np.array([meta.index], dtype=np.int32)),
+            pb_utils.Tensor(I.CAPTION.name, np.array([meta.caption.encode()], dtype=np.object_)),
+            pb_utils.Tensor(I.CLIP_START_S.name, np.array([meta.start_s], dtype=np.float32)),
+            pb_utils.Tensor(I.CLIP_DURATION_S.name, np.array([meta.duration_s], dtype=np.float32)),
+            pb_utils.Tensor(I.IS_LAST.name, np.array([meta.is_last], dtype=np.bool_)),
+            pb_utils.Tensor(I.CLIP_PLAN.name, np.array([json.dumps(meta.plan_entry()).encode()], dtype=np.object_)),
         ]), flags=FINAL)
         self.metrics.clip_done(meta.request_id, meta.arrival, meta.duration_s)
 

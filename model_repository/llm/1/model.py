@@ -23,7 +23,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from audiostory_ensemble import control, serving  # noqa: E402
+from audiostory_ensemble import control, names, serving  # noqa: E402
 from audiostory_ensemble.metrics import StageMetrics  # noqa: E402
 from audiostory_ensemble.config import CROSSFADE_S  # noqa: E402
 from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest, load_audio_encoder  # noqa: E402
@@ -129,9 +129,9 @@ class TritonPythonModel:
                         fade_in=bool(sc and sc.fade_in), fade_out=bool(sc and sc.fade_out),
                         timeline_s=params.total_duration if sc else 0.0, mode=params.mode)
                     response = pb_utils.InferenceResponse([
-                        pb_utils.Tensor("_SEM", clip.sem.astype(np.float32)),
-                        pb_utils.Tensor("_RES", clip.res.astype(np.float32)),
-                        pb_utils.Tensor("_META", meta.encode()),
+                        pb_utils.Tensor(names.SEM, clip.sem.astype(np.float32)),
+                        pb_utils.Tensor(names.RES, clip.res.astype(np.float32)),
+                        pb_utils.Tensor(names.META, meta.encode()),
                     ])
                     sender.send(response, flags=FINAL if clip.is_last else 0)
                     sent_final = clip.is_last

@@ -1,0 +1,30 @@
+"""The one owner of the pipeline's internal names: its stages (the repository's model names) and the
+tensors that pass between them. The public request and response tensors are in ``interface``.
+
+The repository templates are filled from :func:`template_fields` (``${t_sem}``, ``${stage_llm}``,
+...), the python models read the same constants, so a name is written once.
+"""
+
+from __future__ import annotations
+
+# Stages: the models of the repository that the pipeline runs through.
+LLM = "llm"                   # the planner: vLLM generate + pooling; streams one plan entry per clip
+BRIDGE = "bridge"             # bridging queries -> DiT conditioning
+SAMPLER = "dit_sampler"       # the step scheduler, the VAE decode, the clip's public outputs
+DIT_STEP = "dit_step"         # one guided Euler step (ONNX / TensorRT)
+VAE = "vae_decoder"           # latent -> 44.1 kHz stereo wave (ONNX / TensorRT)
+CANCEL_TARGETS = (LLM, SAMPLER)   # the stages holding long work that a story's cancel reaches
+
+# Tensors between stages (a leading underscore: not part of the public interface).
+SEM = "_SEM"                  # llm -> bridge: the semantic queries, [N, hidden]
+RES = "_RES"                  # llm -> bridge: the residual queries, [M, hidden]
+META = "_META"                # llm -> bridge -> dit_sampler: the clip record (JSON)
+COND = "_COND"                # bridge -> dit_sampler: the DiT conditioning, [N, 1024]
+CANCEL = "_CANCEL"            # control input of the cancel targets: the story key
+STORY_KEY = "_STORY_KEY"      # optional input of audiostory_stream: a caller-chosen story key
+
+
+def template_fields() -> dict[str, str]:
+    """The names as the repository templates spell their fields."""
+    return {"stage_llm": LLM, "stage_bridge": BRIDGE, "stage_sampler": SAMPLER, "stage_dit_step": DIT_STEP,
+            "stage_vae": VAE, "t_sem": SEM, "t_res": RES, "t_meta": META, "t_cond": COND, "t_cancel": CANCEL}
