@@ -526,7 +526,7 @@ def unlink_unmapped_shm(pids: list[int], paths: list[str], timeout: float = 10.0
     ``paths`` that no live process maps any more (a process killed at shutdown cannot unlink its
     shared memory); returns what was removed."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)
     in_use = mapped_shm()
     removed = []
@@ -540,11 +540,12 @@ def unlink_unmapped_shm(pids: list[int], paths: list[str], timeout: float = 10.0
     return removed
 
 
-def _zombie(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie is dead for our purposes)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
-        return True
+        return False
 
 
 def guard_children(parent_pid: int | None = None) -> subprocess.Popen | None:

@@ -1,6 +1,8 @@
 """Helpers for tests that talk to a real server: raw requests, metrics, process trees."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import queue
 import signal
@@ -14,8 +16,10 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.serving import mapped_shm
+from audiostory_ensemble.serving import unlink_unmapped_shm
+from audiostory_ensemble.triton_server import TritonServer
 from client.api import request_arrays
+from export.make_repo import make_repo
 
 
 def scrape(server) -> dict[str, float]:
@@ -94,31 +98,14 @@ class OpenStream:
         self.client.close()
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def shm_names() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
 def remove_orphaned_shm(before: set[str]) -> list[str]:
     """Remove the /dev/shm segments made since ``before`` that no live process maps; their names."""
-    gone = sorted(shm_names() - before - {p.removeprefix("/dev/shm/") for p in mapped_shm()})
-    for name in gone:
-        try:
-            os.unlink(os.path.join("/dev/shm", name))
-        except OSError:
-            pass
-    return gone
+    new = [os.path.join("/dev/shm", name) for name in sorted(shm_names() - before)]
+    return [os.path.basename(p) for p in unlink_unmapped_shm([], new)]
 
 
 class ProcessTree:
@@ -180,3 +167,14 @@ class ProcessTree:
         self._signal(signal.SIGKILL)
         self.proc.wait(30)
         remove_orphaned_shm(self._shm_before)
+
+
+@contextlib.contextmanager
+def served(build_dir: Path, name: str, settings: dict):
+    """The tiny model's cpu repository with ``settings`` (make_repo's keys) under ``build_dir``,
+    served on loopback for the block (its log beside it)."""
+    path = build_dir / f"{name}_settings.json"
+    path.write_text(json.dumps(settings))
+    repo = make_repo("cpu", "tiny", build_dir / f"{name}_repository", path)
+    with TritonServer(repo, log_path=build_dir / f"{name}_server.log").start(timeout=600) as s:
+        yield s

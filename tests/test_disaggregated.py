@@ -1,6 +1,5 @@
 """The disaggregated LLM tier on CPU: two vLLM OpenAI servers (generate; pooling with token_embed)
 on loopback, Triton's `llm` model in remote mode talking to them."""
-import json
 import os
 import sys
 import time
@@ -10,10 +9,9 @@ import numpy as np
 import pytest
 
 from audiostory_ensemble.remote_llm import server_command
-from audiostory_ensemble.triton_server import TritonServer, free_port
+from audiostory_ensemble.triton_server import free_port
 from client.api import AudioStoryClient, AudioStoryError
-from export.make_repo import make_repo
-from tests.serverutil import ProcessTree, infer_error
+from tests.serverutil import ProcessTree, infer_error, served
 
 
 def _wait_healthy(url, proc, log, timeout=600):
@@ -52,11 +50,8 @@ def tier(converted, test_build_dir):
 @pytest.fixture(scope="module")
 def server(exported, tier, test_build_dir):
     urls, _ = tier
-    settings = test_build_dir / "remote_settings.json"
-    settings.write_text(json.dumps({"engine_options": {"generate_url": urls["generate"],
-                                                       "pooling_url": urls["pooling"], "remote_retries": 1}}))
-    repo = make_repo("cpu", "tiny", test_build_dir / "remote_repository", settings)
-    with TritonServer(repo, log_path=test_build_dir / "remote_server.log").start(timeout=600) as s:
+    with served(test_build_dir, "remote", {"engine_options": {"generate_url": urls["generate"],
+                                                              "pooling_url": urls["pooling"], "remote_retries": 1}}) as s:
         yield s
 
 

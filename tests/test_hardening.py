@@ -1,6 +1,5 @@
 """Overload, faults and process hygiene, on a disposable server (tiny model) whose stubs and
 process these tests kill. Order matters: the module ends by killing the server with SIGKILL."""
-import json
 import os
 import signal
 from pathlib import Path
@@ -10,22 +9,17 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.serving import descendants, shm_mappings
-from audiostory_ensemble.triton_server import TritonServer
+from audiostory_ensemble.serving import alive, descendants, shm_mappings
 from client.api import AudioStoryClient, AudioStoryError, health_check, request_arrays
-from export.make_repo import make_repo
-from tests.serverutil import OpenStream, alive, grpc_inputs, infer_error, metric, scrape, wait_for
+from tests.serverutil import OpenStream, grpc_inputs, infer_error, metric, scrape, served, wait_for
 
 CAPACITY = 2
 
 
 @pytest.fixture(scope="module")
 def server(exported, test_build_dir):
-    settings = test_build_dir / "fault_settings.json"
-    settings.write_text(json.dumps({"limits": {"max_active_stories": CAPACITY}, "full_instances": 1,
-                                    "full_max_queue": 1}))
-    repo = make_repo("cpu", "tiny", test_build_dir / "fault_repository", settings)
-    with TritonServer(repo, log_path=test_build_dir / "fault_server.log").start(timeout=600) as s:
+    with served(test_build_dir, "fault", {"limits": {"max_active_stories": CAPACITY}, "full_instances": 1,
+                                          "full_max_queue": 1}) as s:
         yield s
 
 

@@ -1,22 +1,17 @@
 """The step scheduler's other engine: one BLS request per iteration to the `dit_step` model (what
 the gpu profile runs, with dit_step a TensorRT plan), here with dit_step's CPU form."""
-import json
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from audiostory_ensemble.triton_server import TritonServer
 from client.api import AudioStoryClient
-from export.make_repo import make_repo
+from tests.serverutil import served
 
 
 @pytest.fixture(scope="module")
 def server(exported, test_build_dir):
-    settings = test_build_dir / "triton_engine.json"
-    settings.write_text(json.dumps({"dit_engine": "triton", "clips_in_flight_per_request": 3}))
-    repo = make_repo("cpu", "tiny", test_build_dir / "model_repository_triton_engine", settings)
-    with TritonServer(repo, log_path=test_build_dir / "triton_engine_server.log").start(timeout=600) as s:
+    with served(test_build_dir, "triton_engine", {"dit_engine": "triton", "clips_in_flight_per_request": 3}) as s:
         yield s
 
 

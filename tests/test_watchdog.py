@@ -7,7 +7,8 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.serverutil import alive, wait_for
+from audiostory_ensemble.serving import alive
+from tests.serverutil import wait_for
 
 
 def _guarded(tmp_path):
