@@ -5,6 +5,9 @@ Streams over gRPC (``audiostory_stream``), prints each clip as it lands, writes 
 ``--script segments.json`` dubs a timeline; ``--continue input.wav`` continues an audio
 (``--prepend-input`` puts the input before the continuation, crossfaded). Exits non-zero with the
 server's message on error.
+
+``python -m client dub VIDEO --subtitles FILE -o OUT`` dubs a video from its sound-description
+subtitles (``--script FILE`` for a JSON script): see ``client/dub.py`` and ``client/subtitles.py``.
 """
 
 from __future__ import annotations
@@ -67,10 +70,10 @@ def cmd_generate(args) -> int:
             if clips_dir:
                 clips_dir.mkdir(parents=True, exist_ok=True)
 
+            printer = _print_clip(t0)
+
             def on_clip(c):
-                elapsed = time.perf_counter() - t0
-                print(f"[{elapsed:6.1f}s] clip {c.index}: {c.start_s:7.2f}–{c.start_s + c.duration_s:7.2f} s  "
-                      f"{c.caption}{'  (last)' if c.is_last else ''}", flush=True)
+                printer(c)
                 if clips_dir:
                     write_wav(clips_dir / f"clip_{c.index:02d}.wav", c.audio)
 
@@ -90,6 +93,60 @@ def cmd_generate(args) -> int:
         Path(args.plan).write_text(json.dumps(story.plan, indent=2) + "\n")
     seconds = audio.shape[1] / story.sample_rate
     print(f"wrote {out}: {len(story.clips)} clips, {seconds:.2f} s of audio in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _print_clip(t0: float):
+    def on_clip(c):
+        print(f"[{time.perf_counter() - t0:6.1f}s] clip {c.index}: {c.start_s:7.2f}–{c.start_s + c.duration_s:7.2f} s  "
+              f"{c.caption}{'  (last)' if c.is_last else ''}", flush=True)
+    return on_clip
+
+
+def cmd_dub(args) -> int:
+    from audiostory_ensemble.script import ScriptError, parse_segments
+
+    from .dub import DubError, dub, probe
+    from .subtitles import CueRules, SubtitleError, script_from_file
+
+    t0 = time.perf_counter()
+    try:
+        info = probe(args.video)
+        if args.subtitles:
+            rules = CueRules(dialogue=args.dialogue, music=args.music, overlap=args.overlap,
+                             min_duration_s=args.min_cue, short=args.short)
+            script = script_from_file(args.subtitles, info.duration_s, rules)
+            for d in script.dropped:
+                print(f"dropped cue at line {d.line}: {d.reason}: {d.text!r}", file=sys.stderr)
+            segments = script.segments
+        else:
+            raw = Path(args.script).read_text()
+            parse_segments(raw, info.duration_s)   # the server's validator; nothing past the video's end
+            segments = json.loads(raw)
+    except (DubError, SubtitleError, ScriptError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.video}: {info.duration_s:.3f} s; {len(segments)} segment(s)", flush=True)
+    if args.write_script:
+        Path(args.write_script).write_text(json.dumps(segments, indent=2) + "\n")
+    if args.dry_run:
+        print(json.dumps(segments, indent=2))
+        return 0
+    params = {"guidance": args.guidance, "seed": args.seed, "num_steps": args.steps}
+    try:
+        story, out = dub(args.video, segments, args.output, url=args.url, instruction=args.instruction,
+                         mix_db=args.mix, keep_audio=args.keep_audio, audio_codec=args.audio_codec,
+                         on_clip=_print_clip(t0), timeout=args.timeout, **params)
+    except (DubError, AudioStoryError, TimeoutError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - transport errors from tritonclient
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if args.plan:
+        Path(args.plan).write_text(json.dumps(story.plan, indent=2) + "\n")
+    print(f"wrote {out}: {len(story.clips)} clips, {story.audio.shape[1] / story.sample_rate:.3f} s of audio "
+          f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -125,6 +182,35 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--clips-dir", default=None, help="also write each clip here")
     g.add_argument("--timeout", type=float, default=600.0)
     g.set_defaults(func=cmd_generate)
+    d = sub.add_parser("dub", help="dub a video: its sound-description subtitles (or a script) in, the video "
+                       "with the generated soundtrack out")
+    d.add_argument("video", help="the video file (its video stream is copied, not re-encoded)")
+    src = d.add_mutually_exclusive_group(required=True)
+    src.add_argument("--subtitles", default=None, help="SRT or WebVTT file with sound descriptions ([door creaks])")
+    src.add_argument("--script", default=None, help='JSON file: [{"start": s, "end": s, "caption": "..."}, ...]')
+    d.add_argument("-o", "--output", required=True, help="the dubbed video (.mkv, .mp4, .webm, ...)")
+    d.add_argument("--instruction", default=None, help="what the film is about (default: the captions)")
+    d.add_argument("--mix", type=float, default=None, metavar="DB",
+                   help="keep the original audio under the generated one at this gain in dB (e.g. -12)")
+    d.add_argument("--keep-audio", action="store_true",
+                   help="keep the original audio track(s) and add the generated one after them")
+    d.add_argument("--audio-codec", default=None,
+                   help="FFmpeg encoder of the generated track (default by container: mkv flac, mp4 aac, webm opus)")
+    d.add_argument("--dialogue", action="store_true", help='keep dialogue lines as captions (someone says "...")')
+    d.add_argument("--music", action="store_true", help="keep music-note (lyrics) lines as captions")
+    d.add_argument("--overlap", choices=["merge", "clip"], default="merge",
+                   help="overlapping cues with different captions: one segment (merge) or the earlier cut (clip)")
+    d.add_argument("--min-cue", type=float, default=1.0, help="shorter cues are widened or dropped (seconds)")
+    d.add_argument("--short", choices=["widen", "drop"], default="widen")
+    d.add_argument("--write-script", default=None, help="also write the derived script (JSON) here")
+    d.add_argument("--dry-run", action="store_true", help="print the derived script and stop (no server call)")
+    d.add_argument("--plan", default=None, help="also write the plan (JSON) here")
+    d.add_argument("--guidance", type=float, default=None)
+    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--url", default="127.0.0.1:8001", help="gRPC address")
+    d.add_argument("--timeout", type=float, default=600.0)
+    d.set_defaults(func=cmd_dub)
     h = sub.add_parser("health", help="probe: one real small request through the pipeline (exit 0 = healthy)")
     h.add_argument("--url", default="127.0.0.1:8001", help="gRPC address")
     h.add_argument("--timeout", type=float, default=60.0)

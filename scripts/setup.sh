@@ -23,10 +23,11 @@ mkdir -p "$BUILD"
 log() { printf '[setup] %s\n' "$*"; }
 stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
 
-# 1. Debian packages the server and perf_analyzer link against, and the headless browser the web
-#    playground's test drives. --no-upgrade keeps apt from replacing the system Python packages.
+# 1. Debian packages the server and perf_analyzer link against, the headless browser the web
+#    playground's test drives, FFmpeg for the dubbing client, and Prometheus (with promtool) for
+#    the observability tests and the rule checks. --no-upgrade keeps apt from replacing the system Python packages.
 apt_needed=()
-for pkg in libb64-0d libpython3.11 chromium chromium-driver; do
+for pkg in libb64-0d libpython3.11 chromium chromium-driver ffmpeg prometheus; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || apt_needed+=("$pkg")
 done
 if [ ${#apt_needed[@]} -gt 0 ]; then
