@@ -139,6 +139,19 @@ def mux(video: str | Path, audio: np.ndarray, out: str | Path, *, keep_audio: bo
     return out
 
 
+def render(video: str | Path, story_audio: np.ndarray, out: str | Path, *, info: MediaInfo | None = None,
+           mix_db: float | None = None, keep_audio: bool = False, audio_codec: str | None = None) -> Path:
+    """The story (``[2, T]`` at 32 kHz) into the video: alone, mixed over the original at ``mix_db``
+    dB, and/or after the original track(s) (``keep_audio``)."""
+    info = info or probe(video)
+    audio = story_audio
+    if mix_db is not None:
+        if info.audio_streams == 0:
+            raise DubError(f"{video} has no audio track to mix under the story")
+        audio = mix(audio, original_audio(video, info, audio.shape[1]), mix_db)
+    return mux(video, audio, out, keep_audio=keep_audio, audio_codec=audio_codec, info=info)
+
+
 def dub(video: str | Path, segments: list[dict], out: str | Path, *, url: str = "127.0.0.1:8001",
         instruction: str | None = None, mix_db: float | None = None, keep_audio: bool = False,
         audio_codec: str | None = None, on_clip=None, timeout: float = 600.0, **params):
@@ -147,11 +160,9 @@ def dub(video: str | Path, segments: list[dict], out: str | Path, *, url: str = 
     from .api import AudioStoryClient
 
     info = probe(video)
-    if mix_db is not None and info.audio_streams == 0:
-        raise DubError(f"{video} has no audio track to mix under the story")
+    if (mix_db is not None or keep_audio) and info.audio_streams == 0:
+        raise DubError(f"{video} has no audio track to {'mix under the story' if mix_db is not None else 'keep'}")
     story = AudioStoryClient(url).generate(instruction, segments=segments, total_duration=info.duration_s,
                                            on_clip=on_clip, timeout=timeout, **params)
-    audio = story.audio
-    if mix_db is not None:
-        audio = mix(audio, original_audio(video, info, audio.shape[1]), mix_db)
-    return story, mux(video, audio, out, keep_audio=keep_audio, audio_codec=audio_codec, info=info)
+    return story, render(video, story.audio, out, info=info, mix_db=mix_db, keep_audio=keep_audio,
+                         audio_codec=audio_codec)

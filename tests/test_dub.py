@@ -267,3 +267,27 @@ def test_a_video_without_audio_cannot_keep_or_mix_it(tmp_path):
     (tmp_path / "notvideo.mkv").write_text("hello")
     with pytest.raises(DubError, match="ffprobe"):
         probe(tmp_path / "notvideo.mkv")
+
+
+def test_the_command_line_derives_checks_and_refuses_before_any_server_call(tmp_path, capsys):
+    from client.__main__ import main as client_main
+
+    video = make_video(tmp_path / "film.webm", 13.5, codec="libvpx")
+    (tmp_path / "sdh.srt").write_text(SRT, encoding="utf-8")
+    nobody = ["--url", "127.0.0.1:9"]           # nothing listens there: a call would fail otherwise
+    assert client_main(["dub", str(video), "--subtitles", str(tmp_path / "sdh.srt"), "-o", str(tmp_path / "o.webm"),
+                        "--dry-run", *nobody]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out[out.index("["):]) == DEFAULT[:3] + [{**DEFAULT[3], "end": 13.52}]   # 13.52 s of video
+    assert "dropped cue at line 6: dialogue only" in err and "dropped cue at line 35" in err
+    (tmp_path / "late.json").write_text(json.dumps([{"start": 1.0, "end": 14.0, "caption": "rain"}]))
+    assert client_main(["dub", str(video), "--script", str(tmp_path / "late.json"), "-o", str(tmp_path / "o.webm"),
+                        *nobody]) == 2
+    assert "SEGMENTS[0].end is 14.0 s; the story limit is 13.52 s" in capsys.readouterr().err
+    (tmp_path / "bad.srt").write_text("1\n00:00:01,000 --> 00:00:03,000\n[<|gen|>]\n", encoding="utf-8")
+    assert client_main(["dub", str(video), "--subtitles", str(tmp_path / "bad.srt"), "-o", str(tmp_path / "o.webm"),
+                        *nobody]) == 2
+    assert "bad.srt: cue at line 2: SEGMENTS[0].caption must not contain" in capsys.readouterr().err
+    assert client_main(["dub", str(video), "--subtitles", str(tmp_path / "sdh.srt"), "-o", str(tmp_path / "o.webm"),
+                        "--mix", "-6", *nobody]) == 1
+    assert "has no audio track to mix under the story" in capsys.readouterr().err

@@ -497,6 +497,91 @@ def test_web_playground_dubs_a_script_and_continues_an_uploaded_audio(server, te
     assert page["wav_samples"] and page["captions"]
 
 
+# ---- video dubbing: a video and its sound-description subtitles in, the dubbed video out --------------
+
+DUB_SRT = """1
+00:00:00,200 --> 00:00:00,900
+[DOOR CREAKS]
+
+2
+00:00:01,000 --> 00:00:02,000
+JOHN: Who's there?
+
+3
+00:00:01,400 --> 00:00:03,100
+(dog barking)
+
+4
+00:00:02,600 --> 00:00:05,000
+[thunder rumbling]
+"""
+
+
+def dub_script(length: float) -> list[dict]:
+    """DUB_SRT by the rules: the 0.7 s creak widened to 1 s, the dialogue dropped, the overlapping
+    bark and thunder merged and cut at the video's end."""
+    return [{"start": 0.2, "end": 1.2, "caption": "door creaks"},
+            {"start": 1.4, "end": length, "caption": "dog barking, thunder rumbling"}]
+
+
+def test_client_dubs_a_video_from_its_subtitles(server, client, tmp_path):
+    """python -m client dub: the video stream is copied bit for bit, the audio track is the
+    script-mode story the server returns for the same segments (lossless PCM in Matroska), as long
+    as the video; --mix and --keep-audio keep the original as stated."""
+    import json
+
+    from client.__main__ import main as client_main
+    from client.dub import mix, original_audio, probe
+    from tests.test_dub import SR_IN, decoded, make_video, stream_hash
+
+    t = np.arange(int(4.3 * SR_IN)) / SR_IN
+    tone = np.round(np.stack([0.3 * np.sin(2 * np.pi * 330 * t)] * 2, axis=1) * 32767).astype("<i2")
+    video = make_video(tmp_path / "film.mkv", 4.3, audio=tone)
+    srt = tmp_path / "film.srt"
+    srt.write_text(DUB_SRT, encoding="utf-8")
+    info = probe(video)
+    length = info.duration_s
+    out, script = tmp_path / "dubbed.mkv", tmp_path / "script.json"
+    common = ["--subtitles", str(srt), "--audio-codec", "pcm_f32le", "--steps", "4", "--url", server.grpc_url]
+    assert client_main(["dub", str(video), "-o", str(out), "--write-script", str(script), *common]) == 0
+    segments = json.loads(script.read_text())
+    assert segments == dub_script(length)
+    served = client.generate(None, segments=segments, total_duration=length, num_steps=4)
+    assert stream_hash(out, "0:v") == stream_hash(video, "0:v")
+    audio = decoded(out)
+    assert audio.shape == served.audio.shape == (2, round(length * 32000))
+    assert np.abs(audio - served.audio).max() <= 1e-4
+    gap = audio[:, round(1.2 * 32000) + 1:round(1.4 * 32000) - 1]
+    assert not gap.any() and np.abs(audio[:, round(0.2 * 32000):round(1.2 * 32000)]).max() > 0
+
+    both = tmp_path / "both.mkv"
+    assert client_main(["dub", str(video), "-o", str(both), "--mix", "-6", "--keep-audio", *common]) == 0
+    assert stream_hash(both, "0:v") == stream_hash(video, "0:v")
+    assert stream_hash(both, "0:a:0") == stream_hash(video, "0:a:0")
+    expected = mix(served.audio, original_audio(video, info, served.audio.shape[1]), -6.0)
+    assert np.abs(decoded(both, "0:a:1") - expected).max() <= 1e-4
+
+
+def test_web_page_dubs_an_uploaded_video_and_plays_it(server, test_build_dir, tmp_path):
+    """The Dubbing tab: the cue table says what became of every cue, the plan fills in, and the
+    dubbed video plays in the page with the video's length."""
+    from client.dub import probe
+    from tests.test_dub import make_video
+
+    video = make_video(tmp_path / "film.webm", 3.3, codec="libvpx")
+    (tmp_path / "film.srt").write_text(DUB_SRT, encoding="utf-8")
+    page = _drive_page(server, test_build_dir, "--dub-video", str(video), "--dub-subtitles",
+                       str(tmp_path / "film.srt"), "--screenshot", str(test_build_dir / "web_dub.png"))
+    assert page["status"].startswith("done: 2 clips"), page
+    assert [row[0] for row in page["cues"]] == ["2", "6", "10", "14"], page["cues"]
+    assert page["cues"][1][4].startswith("dropped: dialogue only"), page["cues"]
+    assert page["cues"][2][4].startswith("segment 1: dog barking, thunder rumbling"), page["cues"]
+    assert [row[1] for row in page["plan"]] == ["door creaks", "dog barking, thunder rumbling"], page["plan"]
+    v = page["video"]
+    assert abs(v["duration"] - probe(video).duration_s) < 0.05, v
+    assert v["time"] > 0 and not v["paused"] and not v.get("error"), v
+
+
 # ---- bounded state ------------------------------------------------------------------------------------
 
 IN_FLIGHT = {"llm": ("plans_by_key", "engine_requests"),

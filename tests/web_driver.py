@@ -2,10 +2,14 @@
 
     python tests/web_driver.py --triton-url HOST:PORT --instruction "..." --total 20 --steps 4 \
         [--segments JSON] [--audio FILE] --screenshot build/tests/web_playground.png
+    python tests/web_driver.py --triton-url HOST:PORT --dub-video V.webm --dub-subtitles S.srt --steps 2 \
+        --screenshot build/tests/web_dub.png
 
 Starts `python -m web` on a free loopback port, submits the form, waits for the story, and prints
 one JSON line: status text, the captions shown in the clip players, the story player's length
-label, and the downloaded WAV's length in samples.
+label, and the downloaded WAV's length in samples. With ``--dub-video`` it opens the Dubbing tab
+instead, uploads the video and subtitles, and prints the status, the cue and plan tables' rows, and
+the dubbed video element's duration and whether it plays.
 """
 from __future__ import annotations
 
@@ -38,6 +42,55 @@ def browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+def table_rows(d, css) -> list[list[str]]:
+    from selenium.webdriver.common.by import By
+
+    return [[td.text for td in tr.find_elements(By.CSS_SELECTOR, "td")]
+            for tr in d.find_elements(By.CSS_SELECTOR, f"{css} tbody tr")]
+
+
+def dub(d, element, args) -> dict:
+    """The Dubbing tab: upload, dub, then play the dubbed video (muted: headless autoplay rules)."""
+    from selenium.webdriver.common.by import By
+
+    tab = next(b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip() == "Dubbing")
+    tab.click()
+    element("#dub-video input[type=file]").send_keys(str(Path(args.dub_video).resolve()))
+    element("#dub-subtitles input[type=file]").send_keys(str(Path(args.dub_subtitles).resolve()))
+    box = element("#dub-steps input")
+    box.clear()
+    box.send_keys(str(args.steps))
+    time.sleep(1.0)          # let both uploads land before the click
+    element("#dub").click()
+    deadline = time.monotonic() + args.timeout
+    status = ""
+    while time.monotonic() < deadline:
+        status = d.find_element(By.CSS_SELECTOR, "#dub-status").text
+        if status.startswith("done") or d.find_elements(By.CSS_SELECTOR, ".toast-body"):
+            break
+        time.sleep(0.5)
+    errors = [t.text for t in d.find_elements(By.CSS_SELECTOR, ".toast-body")]
+    video = {}
+    end = time.monotonic() + 60
+    while status.startswith("done") and time.monotonic() < end:
+        video = d.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            const v = document.querySelector('#dubbed video');
+            if (!v || !(v.duration > 0)) { done({}); return; }
+            v.muted = true;
+            v.play().then(() => setTimeout(() => done({duration: v.duration, time: v.currentTime,
+                                                      paused: v.paused, error: v.error && v.error.code}), 1500),
+                          (e) => done({duration: v.duration, error: String(e)}));
+        """)
+        if video:
+            break
+        time.sleep(0.5)
+    Path(args.screenshot).parent.mkdir(parents=True, exist_ok=True)
+    d.save_screenshot(args.screenshot)
+    return {"status": status, "errors": errors, "cues": table_rows(d, "#dub-cues"),
+            "plan": table_rows(d, "#dub-plan"), "video": video}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--triton-url", required=True)
@@ -48,6 +101,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--screenshot", required=True)
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--dub-video", default="", help="the Dubbing tab: this video ...")
+    ap.add_argument("--dub-subtitles", default="", help="... with these subtitles")
     args = ap.parse_args()
     from selenium.webdriver.common.by import By
 
@@ -73,8 +128,6 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise RuntimeError("the form did not render")
             time.sleep(0.2)
-        if args.instruction:
-            d.find_element(By.CSS_SELECTOR, "#instruction textarea").send_keys(args.instruction)
         def element(css, timeout=60):
             """The element once the page has rendered it (gradio mounts some inputs late)."""
             end = time.monotonic() + timeout
@@ -84,6 +137,11 @@ def main() -> int:
                 time.sleep(0.2)
             return d.find_element(By.CSS_SELECTOR, css)
 
+        if args.dub_video:
+            print(json.dumps(dub(d, element, args)))
+            return 0
+        if args.instruction:
+            d.find_element(By.CSS_SELECTOR, "#instruction textarea").send_keys(args.instruction)
         if args.segments:
             element("#segments textarea").send_keys(args.segments)
         if args.audio:
