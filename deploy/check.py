@@ -10,6 +10,10 @@ lock's, which reads package metadata from the index.
 - every rendered object validates strictly (unknown fields are errors) against the JSON schemas
   of Kubernetes KUBE_VERSION (kubernetes-validate); kinds without a schema there are errors,
   except the CRD kinds listed in ALLOWED_CRDS, which get a structural check;
+- a PrometheusRule passes `promtool check rules` (Debian's prometheus package, installed by
+  `make setup`); the rule file's unit tests pass `promtool test rules`; the dashboard ConfigMap holds
+  the dashboard file, whose every panel has a query on the dashboard's datasource; every metric the
+  HPA names is served by a rule of files/prometheus-adapter-rules.yaml;
 - the Dockerfile passes hadolint; the compose file validates against the compose-spec schema;
 - requirements-gpu.lock installs on the image's target (deploy/gpu_lock.py: a pip dry run with the
   image's Python version and platform tags, wheels only, then its dependencies for the image's
@@ -22,6 +26,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -29,7 +34,12 @@ import yaml
 DEPLOY = Path(__file__).resolve().parent
 CHART = DEPLOY / "helm" / "audiostory"
 KUBE_VERSION = "1.31.0"
-ALLOWED_CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+ALLOWED_CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+FILES = CHART / "files"
+RULES = FILES / "audiostory-rules.yaml"
+RULES_TEST = FILES / "audiostory-rules.test.yaml"
+DASHBOARD = FILES / "audiostory-dashboard.json"
+ADAPTER_RULES = FILES / "prometheus-adapter-rules.yaml"
 VALUE_SETS = {"default": [], "disaggregated": [CHART / "values-disaggregated.yaml"],
               "object-store": [CHART / "values-object-store.yaml"]}
 
@@ -77,7 +87,11 @@ def validate(doc: dict) -> str | None:
     name = f"{key[1]} {doc.get('metadata', {}).get('name')}"
     if key in ALLOWED_CRDS:
         ok = isinstance(doc.get("metadata", {}).get("name"), str) and isinstance(doc.get("spec"), dict)
-        return None if ok else f"{name}: a {key[1]} needs metadata.name and spec"
+        if not ok:
+            return f"{name}: a {key[1]} needs metadata.name and spec"
+        if key[1] == "PrometheusRule":
+            return check_rules(doc["spec"], name)
+        return None
     try:
         kv.validate(doc, KUBE_VERSION, strict=True)
     except kv.ValidationError as e:
@@ -85,6 +99,62 @@ def validate(doc: dict) -> str | None:
     except kv.SchemaNotFoundError:
         return f"{name}: no schema for {key[0]} {key[1]} in Kubernetes {KUBE_VERSION} (not an allowed CRD)"
     return None
+
+
+def check_rules(spec: dict, name: str) -> str | None:
+    """A PrometheusRule's spec (a rule file's groups) through `promtool check rules`."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(spec, f)
+        f.flush()
+        rc, out = run_tool(["promtool", "check", "rules", f.name])
+    return None if rc == 0 else f"{name}: promtool check rules: {out}"
+
+
+def check_observability(objects: dict[str, list[dict]]) -> list[str]:
+    """The rules' unit tests, the dashboard, and the HPA's metrics against the adapter's rules."""
+    errors = []
+    rc, out = run_tool(["promtool", "test", "rules", str(RULES_TEST)])
+    if rc:
+        errors.append(f"promtool test rules: {out}")
+    try:
+        dashboard = json.loads(DASHBOARD.read_text())
+        errors += dashboard_errors(dashboard)
+    except ValueError as e:
+        return errors + [f"{DASHBOARD.name}: {e}"]
+    served = {r["name"]["as"] for r in yaml.safe_load(ADAPTER_RULES.read_text())["rules"]["custom"]}
+    for label, docs in objects.items():
+        for d in docs:
+            if d["kind"] == "HorizontalPodAutoscaler":
+                for m in d["spec"]["metrics"]:
+                    metric = m.get("pods", {}).get("metric", {}).get("name")
+                    if metric not in served:
+                        errors.append(f"{label}: the HPA scales on {metric!r}, which no rule of "
+                                      f"{ADAPTER_RULES.name} serves ({sorted(served)})")
+            if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard"):
+                if json.loads(d["data"]["audiostory-dashboard.json"]) != dashboard:
+                    errors.append(f"{label}: the dashboard ConfigMap does not hold {DASHBOARD.name}")
+    return errors
+
+
+def dashboard_errors(dashboard: dict) -> list[str]:
+    errors = []
+    if not dashboard.get("uid") or not dashboard.get("panels"):
+        errors.append("dashboard: needs a uid and panels")
+    names = [v["name"] for v in dashboard.get("templating", {}).get("list", [])]
+    if "datasource" not in names:
+        errors.append("dashboard: no datasource variable (an importable dashboard names none of a site's)")
+    ids = [p.get("id") for p in dashboard.get("panels", [])]
+    if len(set(ids)) != len(ids):
+        errors.append(f"dashboard: panel ids repeat: {ids}")
+    for p in dashboard.get("panels", []):
+        targets = p.get("targets") or []
+        if not targets or not all(t.get("expr") for t in targets):
+            errors.append(f"dashboard panel {p.get('title')!r}: every panel needs queries")
+        for t in [p, *targets]:
+            if t.get("datasource", {}).get("uid") != "${datasource}":
+                errors.append(f"dashboard panel {p.get('title')!r}: not on the ${{datasource}} variable")
+                break
+    return errors
 
 
 def run_tool(args: list[str]) -> tuple[int, str]:
@@ -115,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["errors"] += [f"{label}: {e}" for d in docs for e in [validate(d)] if e]
         summary["errors"] += [f"lint {label}: {e}" for e in lint(files)]
         summary.setdefault("objects", {})[label] = docs
+    summary["errors"] += check_observability(summary.get("objects", {}))
     rc, out = run_tool(["hadolint", "--no-color", "--failure-threshold", "info", str(DEPLOY / "Dockerfile")])
     summary["hadolint"] = out or "clean"
     if rc:
@@ -132,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for label, names in summary["renders"].items():
             print(f"chart ({label} values): {len(names)} objects valid for Kubernetes {KUBE_VERSION}: {', '.join(names)}")
+        print("observability: PrometheusRule through promtool check rules, the rules' unit tests, the dashboard, "
+              "the HPA's metrics against the adapter's rules")
         print(f"Dockerfile (hadolint): {summary['hadolint']}")
         print(f"compose.yaml (compose-spec): {summary['compose']}")
         g = summary["gpu_lock"]

@@ -45,8 +45,18 @@ def test_chart_renders_and_every_object_validates_strictly(rendered):
     assert shm["emptyDir"]["medium"] == "Memory"
     hpa = _find(default, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "nv_inference_pending_request_count"
+    assert [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]] == ["audiostory_pending_stories",
+                                                                            "audiostory_active_stories"]
     assert _find(default, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "metrics"
+    rules = _find(default, "PrometheusRule")["spec"]
+    chart_files = ROOT / "deploy" / "helm" / "audiostory" / "files"
+    assert rules == yaml.safe_load((chart_files / "audiostory-rules.yaml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    assert {"AudioStoryFirstClipSlow", "AudioStoryRejectingStories", "AudioStoryStageFailing",
+            "AudioStoryKVCacheNearFull", "AudioStoryDiTBatchCollapsed"} <= alerts
+    dashboard = _find(default, "ConfigMap", "-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["audiostory-dashboard.json"])["uid"] == "audiostory"
     assert {p["name"] for p in _find(default, "Service")["spec"]["ports"]} == {"http", "grpc", "metrics"}
     assert not [d for d in default if "vllm" in d["metadata"]["name"]]
 
@@ -60,12 +70,18 @@ def test_disaggregated_values_add_the_vllm_tier_and_point_the_llm_at_it(rendered
     pooling = _find(docs, "Deployment", "vllm-pooling")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--runner=pooling" in pooling and any("token_embed" in a for a in pooling)
     assert _find(docs, "Service", "vllm-generate")["spec"]["ports"][0]["port"] == 8100
+    # vLLM's own /metrics on both servers, with engine=generate|pooling as the embedded engines report it
+    monitor = _find(docs, "ServiceMonitor", "-vllm")["spec"]
+    assert monitor["selector"]["matchExpressions"][0]["values"] == ["vllm-generate", "vllm-pooling"]
+    relabel = monitor["endpoints"][0]["relabelings"][0]
+    assert relabel["targetLabel"] == "engine" and relabel["regex"] == "vllm-(.+)"
 
 
 def test_object_store_values_fetch_the_release_and_keep_plans_on_a_pvc(rendered):
     docs = rendered["objects"]["object-store"]
     assert rendered["renders"]["object-store"] == [
-        "apps/v1/Deployment/as-audiostory", "v1/ConfigMap/as-audiostory-settings", "v1/Service/as-audiostory"]
+        "apps/v1/Deployment/as-audiostory", "v1/ConfigMap/as-audiostory-dashboard",
+        "v1/ConfigMap/as-audiostory-settings", "v1/Service/as-audiostory"]
     spec = _find(docs, "Deployment")["spec"]
     assert spec["replicas"] == 2
     init = spec["template"]["spec"]["initContainers"][0]
@@ -93,6 +109,9 @@ BAD = {
                       "metadata": {"name": "x"}, "spec": {"maxReplicas": 2, "scaleTargetRef": {
                           "apiVersion": "apps/v1", "kind": "Deployment", "name": "x"}}},
     "a CRD not on the list": {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "x"}, "spec": {}},
+    "a rule that does not parse": {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+                                   "metadata": {"name": "x"}, "spec": {"groups": [{"name": "g", "rules": [
+                                       {"alert": "A", "expr": "sum(rate(audiostory_clips_total[5m])"}]}]}},
 }
 
 
