@@ -43,10 +43,12 @@ def browser():
 
 
 def table_rows(d, css) -> list[list[str]]:
-    from selenium.webdriver.common.by import By
-
-    return [[td.text for td in tr.find_elements(By.CSS_SELECTOR, "td")]
-            for tr in d.find_elements(By.CSS_SELECTOR, f"{css} tbody tr")]
+    """A gradio dataframe's body rows as text (it draws them as ARIA grid rows, in a virtual list)."""
+    return d.execute_script("""
+        const rows = [...document.querySelectorAll(arguments[0] + ' [role=row][data-index]')];
+        rows.sort((a, b) => Number(a.dataset.index) - Number(b.dataset.index));
+        return rows.map(r => [...r.querySelectorAll('[role=gridcell]')].map(c => c.textContent.trim()));
+    """, css)
 
 
 def dub(d, element, args) -> dict:
