@@ -2,10 +2,13 @@
 
 Expects the repository filled by `make repo` (the Makefile runs the steps before this one).
 Writes build/demo/story.wav (and each clip under build/demo/clips/), then a dubbed timeline in
-script mode (build/demo/dubbed.wav and its plan), then stops the server.
+script mode (build/demo/dubbed.wav and its plan), then dubs a video from its sound-description
+subtitles (a test-pattern film.mkv and film.srt made here -> build/demo/film.dubbed.mkv), then stops
+the server.
 """
 import argparse
 import json
+import subprocess
 import sys
 import time
 
@@ -21,6 +24,35 @@ DEMO_SCRIPT = [
     {"start": 6.0, "end": 14.0, "caption": "footsteps crunch on gravel"},
     {"start": 16.0, "end": 20.0, "caption": "a dog barks twice"},
 ]
+
+# Subtitles for the deaf and hard of hearing, as a film would ship them.
+DEMO_SRT = """1
+00:00:00,800 --> 00:00:04,000
+[DOOR CREAKS OPEN]
+
+2
+00:00:03,500 --> 00:00:05,000
+MARY: Is anyone home?
+
+3
+00:00:05,000 --> 00:00:09,500
+(footsteps on gravel)
+
+4
+00:00:09,000 --> 00:00:11,400
+(dog barking)
+"""
+
+
+def dub_demo(out, url: str) -> int:
+    """A 12.4 s test-pattern video and its SDH subtitles -> the dubbed video (video stream copied)."""
+    film = out / "film.mkv"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=12.4",
+                    "-c:v", "libx264", "-preset", "ultrafast", str(film)], check=True)
+    (out / "film.srt").write_text(DEMO_SRT, encoding="utf-8")
+    print(f"dubbing {film} from {out / 'film.srt'}")
+    return client_main(["dub", str(film), "--subtitles", str(out / "film.srt"), "--url", url,
+                        "-o", str(out / "film.dubbed.mkv"), "--write-script", str(out / "film.script.json")])
 
 
 def main() -> int:
@@ -47,8 +79,9 @@ def main() -> int:
         script = out / "segments.json"
         script.write_text(json.dumps(DEMO_SCRIPT, indent=2) + "\n")
         print(f"script mode: dubbing the timeline in {script}")
-        return client_main(["generate", "--script", str(script), "--url", server.grpc_url,
-                            "-o", str(out / "dubbed.wav"), "--plan", str(out / "dubbed.plan.json")])
+        rc = client_main(["generate", "--script", str(script), "--url", server.grpc_url,
+                          "-o", str(out / "dubbed.wav"), "--plan", str(out / "dubbed.plan.json")])
+        return rc or dub_demo(out, server.grpc_url)
     finally:
         server.stop()
         print(f"server stopped; log at {out / 'tritonserver.log'}")
