@@ -29,7 +29,6 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRITON_HOME = PROJECT_ROOT / "build" / "tritonserver"
-ROOT_REPO = PROJECT_ROOT / "model_repository"
 
 
 # APIs that take paths or names of host resources from the caller (shared-memory regions, trace

@@ -33,7 +33,7 @@ from audiostory_ensemble.serving import Limits
 TEMPLATES = layout.PROJECT_ROOT / "model_repository"
 PIPELINE = (names.LLM, names.BRIDGE, names.SAMPLER, names.DIT_STEP, names.VAE, I.ENSEMBLE, I.STREAM_MODEL,
             I.FULL_MODEL)      # the template folders, by the names their models are served under
-ONNX_MODEL_PY = TEMPLATES / "dit_step" / "1" / "model.py"   # shared by dit_step and vae_decoder
+ONNX_MODEL_PY = TEMPLATES / "onnx_graph.py"   # the cpu form of dit_step and vae_decoder: one ONNX graph
 
 PROFILES = {
     "cpu": {

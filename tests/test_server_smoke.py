@@ -1,19 +1,22 @@
 """A real tritonserver on loopback answers a real gRPC request from a python model."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from audiostory_ensemble.triton_server import GRPC_ADMIN_HEADER, ROOT_REPO, TritonServer, TritonServerError
+from audiostory_ensemble.triton_server import GRPC_ADMIN_HEADER, TritonServer, TritonServerError
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
 def smoke_server(test_build_dir):
     repo = test_build_dir / "smoke_repository"
     shutil.rmtree(repo, ignore_errors=True)
-    shutil.copytree(ROOT_REPO / "stack_info", repo / "stack_info")
+    shutil.copytree(FIXTURES / "stack_info", repo / "stack_info")
     with TritonServer(repo, log_path=test_build_dir / "smoke_server.log") as server:
         yield server
 
