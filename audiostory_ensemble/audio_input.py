@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from .config import AUDIO_INPUT_SAMPLE_RATE
+from .grammar import aud_run_text
 
 
 def to_whisper_input(audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -111,7 +112,7 @@ CONTINUATION_LEAD = "Understand the input audio, infer the subsequent events, an
 def audio_block(token_num: int) -> str:
     """The placeholder block that opens the user turn: ``<aud><aud_00000>…</aud>``; the
     embeddings at the ``<aud_i>`` positions are replaced by the resampler's rows."""
-    return "<aud>" + "".join(f"<aud_{i:05d}>" for i in range(token_num)) + "</aud>"
+    return aud_run_text(token_num)
 
 
 def continuation_instruction(caption: str, total_duration: float) -> str:

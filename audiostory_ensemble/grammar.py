@@ -43,6 +43,22 @@ def added_tokens() -> list[str]:
     )
 
 
+def t5_run_text(n: int) -> str:
+    """``<t5><t5_00000>…<t5_{n-1}></t5>``: the forced run of the N semantic queries."""
+    return "<t5>" + "".join(f"<t5_{i:05d}>" for i in range(n)) + "</t5>"
+
+
+def aud_run_text(m: int) -> str:
+    """``<aud><aud_00000>…<aud_{m-1}></aud>``: the forced run of the M residual queries (also the
+    placeholder block a continuation's audio rows replace)."""
+    return "<aud>" + "".join(f"<aud_{i:05d}>" for i in range(m)) + "</aud>"
+
+
+def clip_text(caption: str, seconds: str, n: int, m: int) -> str:
+    """One clip as the model writes it: ``<|gen|>{caption}<timestamp>{seconds}</timestamp>``, the
+    two query runs, ``<|/gen|>``."""
+    return f"<|gen|>{caption}<timestamp>{seconds}</timestamp>{t5_run_text(n)}{aud_run_text(m)}<|/gen|>"
+
 
 # Every token a caller's text must not spell: the tokenizer splits them out of plain text as the
 # model's own ChatML and plan tokens, so text holding one could forge a turn or a plan. Longest first,

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 
 from .config import CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE, WAVE_SAMPLES
-from .grammar import control_token_in
+from .grammar import clip_text, control_token_in
 
 WINDOW_S = WAVE_SAMPLES / VAE_SAMPLE_RATE      # what one DiT clip can hold: 29.95 s
 MIN_SEGMENT_S = 0.1
@@ -149,10 +149,7 @@ def format_seconds(d: float) -> str:
 
 def forced_text(clips: list[ScriptClip], n: int, m: int) -> str:
     """The assistant's forced turn after ``<|think|>``, ``<|im_end|>`` included."""
-    t5 = "<t5>" + "".join(f"<t5_{i:05d}>" for i in range(n)) + "</t5>"
-    aud = "<aud>" + "".join(f"<aud_{i:05d}>" for i in range(m)) + "</aud>"
-    body = "".join(f"<|gen|>{c.caption}<timestamp>{format_seconds(c.duration_s)}</timestamp>{t5}{aud}<|/gen|>"
-                   for c in clips)
+    body = "".join(clip_text(c.caption, format_seconds(c.duration_s), n, m) for c in clips)
     return "<|/think|>" + body + "<|im_end|>"
 
 

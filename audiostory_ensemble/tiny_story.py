@@ -128,13 +128,8 @@ def reasoning(total: float, clips: list[Clip]) -> str:
 
 def assistant_text(total: float, clips: list[Clip], n: int, m: int) -> str:
     """Everything the model writes after the ``<|think|>`` prefill, ``<|im_end|>`` included."""
-    t5 = "<t5>" + "".join(f"<t5_{i:05d}>" for i in range(n)) + "</t5>"
-    aud = "<aud>" + "".join(f"<aud_{i:05d}>" for i in range(m)) + "</aud>"
-    out = [reasoning(total, clips), "<|/think|>"]
-    for c in clips:
-        out.append(f"<|gen|>{c.caption}<timestamp>{fmt_seconds(c.duration)}</timestamp>{t5}{aud}<|/gen|>")
-    out.append("<|im_end|>")
-    return "".join(out)
+    clips_text = "".join(grammar.clip_text(c.caption, fmt_seconds(c.duration), n, m) for c in clips)
+    return f"{reasoning(total, clips)}<|/think|>{clips_text}<|im_end|>"
 
 
 def transcript(caption: str, total: float, clips: list[Clip], seed: int, n: int, m: int) -> tuple[str, str]:
