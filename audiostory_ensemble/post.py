@@ -15,10 +15,16 @@ import torch
 from .config import AUDIO_CHANNELS, CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE, WAVE_SAMPLES
 
 
+def render_seconds(duration: float, fades_out: bool, crossfade: float = CROSSFADE_S) -> float:
+    """What the DiT renders for a clip that lasts ``duration`` s in the story: the crossfade tail
+    too when the clip fades into the next one (every clip but the last of a planned story; a
+    segment touching the next in script mode). The one place this rule is written."""
+    return float(duration) + crossfade if fades_out else float(duration)
+
+
 def clip_durations(durations: list[float], crossfade: float = CROSSFADE_S) -> list[float]:
     """Seconds requested from the DiT per clip: ``d_k + crossfade`` except for the last clip."""
-    d = [float(x) for x in durations]
-    return [x + crossfade for x in d[:-1]] + d[-1:]
+    return [render_seconds(d, k + 1 < len(durations), crossfade) for k, d in enumerate(durations)]
 
 
 def trim(wave: np.ndarray, duration_s: float, sr: int = VAE_SAMPLE_RATE) -> np.ndarray:

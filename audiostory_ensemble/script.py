@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from .config import CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE, WAVE_SAMPLES
 from .grammar import clip_text, control_token_in
+from .post import render_seconds
 
 WINDOW_S = WAVE_SAMPLES / VAE_SAMPLE_RATE      # what one DiT clip can hold: 29.95 s
 MIN_SEGMENT_S = 0.1
@@ -62,7 +63,7 @@ class ScriptClip:
 
     @property
     def render_s(self) -> float:
-        return self.duration_s + (CROSSFADE_S if self.fade_out else 0.0)
+        return render_seconds(self.duration_s, self.fade_out)
 
 
 def _number(seg: dict, key: str, i: int) -> float:

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from . import interface as I
-from . import script
+from . import post, script
 from .config import DURATION_POLICIES, MAX_INPUT_AUDIO_S, MIN_INPUT_AUDIO_S
 from .grammar import control_token_in
 from .sampler import MAX_SEED
@@ -233,6 +233,18 @@ class ClipMeta:
     timeline_s: float = 0.0    # script mode: the story's length (clips placed by start); 0 = joined
     mode: str = "story"        # story | script | continuation (RequestParams.mode)
 
+    @classmethod
+    def of_planned(cls, clip, params: "RequestParams", request_id: str, arrival: float, cancel_key: str) -> "ClipMeta":
+        """The record of a clip the planner released (``planner.PlannedClip``), in every mode:
+        in script mode the rendered length and the fades are the script clip's, and the story is
+        placed on its timeline; otherwise every clip but the last renders the crossfade tail."""
+        sc = clip.script
+        return cls(request_id, clip.index, clip.caption, clip.start_s, clip.duration,
+                   sc.render_s if sc else post.render_seconds(clip.duration, fades_out=not clip.is_last),
+                   clip.is_last, params.guidance, params.seed, params.num_steps, arrival, cancel_key,
+                   fade_in=bool(sc and sc.fade_in), fade_out=bool(sc and sc.fade_out),
+                   timeline_s=params.total_duration if sc else 0.0, mode=params.mode)
+
     def plan_entry(self) -> dict:
         """The clip's public plan entry (the ``PLAN`` output)."""
         return {"index": self.index, "caption": self.caption, "start": self.start_s,
@@ -247,11 +259,6 @@ class ClipMeta:
     def decode(cls, arr: np.ndarray) -> "ClipMeta":
         raw = np.asarray(arr).reshape(-1)[0]
         return cls(**json.loads(raw.decode() if isinstance(raw, (bytes, np.bytes_)) else raw))
-
-
-def clip_render_duration(duration: float, is_last: bool, crossfade: float) -> float:
-    """The reference's rule: every clip but the last is rendered ``crossfade`` seconds longer."""
-    return float(duration) if is_last else float(duration) + crossfade
 
 
 # ------------------------------------------------------------------------------------------------

@@ -304,3 +304,28 @@ def test_every_special_and_added_token_is_a_refused_control_token(converted):
             parse(instruction=f"a {token} b")
     for text in ("a <t5_00100> b", "im_end and <| gen |>", "timestamp 3.5 s", "<aud_1>", "t5 t5_00001"):
         assert parse(instruction=text).instruction == text
+
+
+def test_a_planned_clip_record_has_the_render_length_and_fades_of_its_mode():
+    """One builder for every mode: a story's clips render the 3 s tail except the last; a script's
+    clips take theirs from the timeline (a touching segment's tail, none after a gap)."""
+    import numpy as np
+
+    from audiostory_ensemble import script
+    from audiostory_ensemble.planner import PlannedClip
+
+    def planned(i, d, last, sc=None):
+        return PlannedClip(i, "c", d, d, 0.0, last, np.zeros((1, 1)), np.zeros((1, 1)), script=sc)
+
+    story = parse_request(lambda name: {"INSTRUCTION": np.array([b"rain"], dtype=object)}.get(name))
+    first, last = (ClipMeta.of_planned(planned(0, 12.5, False), story, "r", 0.0, "k"),
+                   ClipMeta.of_planned(planned(1, 7.25, True), story, "r", 0.0, "k"))
+    assert (first.render_s, last.render_s) == (15.5, 7.25)
+    assert not (first.fade_in or first.fade_out) and first.timeline_s == 0.0 and first.mode == "story"
+    raw = '[{"start": 1, "end": 5, "caption": "a"}, {"start": 5, "end": 9, "caption": "b"}, {"start": 10, "end": 11, "caption": "c"}]'
+    params = parse_request(lambda name: {"SEGMENTS": np.array([raw.encode()], dtype=object)}.get(name))
+    clips = script.plan_clips(params.segments)
+    metas = [ClipMeta.of_planned(planned(c.index, c.duration_s, c.index == 2, c), params, "r", 0.0, "k") for c in clips]
+    assert [m.render_s for m in metas] == [7.0, 4.0, 1.0]
+    assert [(m.fade_in, m.fade_out) for m in metas] == [(False, True), (True, False), (False, False)]
+    assert all(m.timeline_s == 11.0 and m.mode == "script" for m in metas)

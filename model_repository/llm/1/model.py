@@ -25,7 +25,6 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from audiostory_ensemble import control, names, serving  # noqa: E402
 from audiostory_ensemble.metrics import StageMetrics  # noqa: E402
-from audiostory_ensemble.config import CROSSFADE_S  # noqa: E402
 from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest, load_audio_encoder  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -121,13 +120,7 @@ class TritonPythonModel:
                 async for clip in plan:
                     if sender.is_cancelled():
                         raise asyncio.CancelledError
-                    sc = clip.script
-                    meta = serving.ClipMeta(
-                        req.request_id, clip.index, clip.caption, clip.start_s, clip.duration,
-                        sc.render_s if sc else serving.clip_render_duration(clip.duration, clip.is_last, CROSSFADE_S),
-                        clip.is_last, params.guidance, params.seed, params.num_steps, arrival, key,
-                        fade_in=bool(sc and sc.fade_in), fade_out=bool(sc and sc.fade_out),
-                        timeline_s=params.total_duration if sc else 0.0, mode=params.mode)
+                    meta = serving.ClipMeta.of_planned(clip, params, req.request_id, arrival, key)
                     response = pb_utils.InferenceResponse([
                         pb_utils.Tensor(names.SEM, clip.sem.astype(np.float32)),
                         pb_utils.Tensor(names.RES, clip.res.astype(np.float32)),
