@@ -12,6 +12,7 @@ from collections import OrderedDict, deque
 
 TTFC_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+TTFC_DESCRIPTION = "From the request reaching the planner to its first clip leaving the pipeline"
 
 
 class StageMetrics:
@@ -31,6 +32,15 @@ class StageMetrics:
             self._families[name] = (family, family.Metric(labels=self.labels, **kwargs))
         return self._families[name][1]
 
+    def declare(self, counters: dict[str, str], histograms: dict[str, tuple[str, list]] | None = None) -> None:
+        """Counters (``name -> description``) and histograms (``name -> (description, buckets)``)
+        that exist from the start at zero, so that a query for one (a rate, an alert) finds a
+        series before the first event."""
+        for name, description in counters.items():
+            self._metric(name, description, "COUNTER")
+        for name, (description, buckets) in (histograms or {}).items():
+            self._metric(name, description, "HISTOGRAM", buckets)
+
     def counter(self, name: str, description: str, value: float = 1.0) -> None:
         self._metric(name, description, "COUNTER").increment(value)
 
@@ -39,6 +49,14 @@ class StageMetrics:
 
     def observe(self, name: str, description: str, value: float, buckets=TTFC_BUCKETS) -> None:
         self._metric(name, description, "HISTOGRAM", buckets).observe(value)
+
+    def close(self) -> None:
+        """Release the metrics while the stub can still talk to the server (from ``finalize``): a
+        metric family that lives on into the interpreter's teardown (the model held by a stored
+        traceback, say) crashes the stub there, its destructor writing to shared memory already gone."""
+        self._families.clear()
+        self._tracked.clear()
+        self._tracked_family = None
 
     @property
     def first_clip_ids(self) -> int:
@@ -64,9 +82,7 @@ class StageMetrics:
             self._seen_first[request_id] = arrival
             if len(self._seen_first) > 4096:
                 self._seen_first.popitem(last=False)
-            self.observe("audiostory_time_to_first_clip_seconds",
-                         "From the request reaching the planner to its first clip leaving the pipeline",
-                         max(0.0, time.time() - arrival))
+            self.observe("audiostory_time_to_first_clip_seconds", TTFC_DESCRIPTION, max(0.0, time.time() - arrival))
 
     def plan_done(self, generated_tokens: int, clips: int) -> None:
         self.counter("audiostory_planner_tokens_total", "Tokens in the plans (generated and forced)",

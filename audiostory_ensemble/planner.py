@@ -165,6 +165,8 @@ class Planner:
             dtype=o.dtype, max_model_len=o.max_model_len, tensor_parallel_size=o.tensor_parallel_size,
             enforce_eager=o.enforce_eager, seed=o.seed, max_num_seqs=o.max_num_seqs,
             gpu_memory_utilization=(o.pooling_gpu_memory_utilization if pooling else o.generate_gpu_memory_utilization),
+            # vLLM's own loggers (log lines, its prometheus_client registry) stay off; the stat
+            # loggers given to start() still turn the engine's statistics on.
             disable_log_stats=True, generation_config="vllm",
             enable_prompt_embeds=self.hears_audio,
         )
@@ -176,7 +178,10 @@ class Planner:
             kw.update(enable_prefix_caching=o.enable_prefix_caching)
         return AsyncEngineArgs(**kw)
 
-    async def start(self) -> "Planner":
+    async def start(self, engine_metrics=None) -> "Planner":
+        """Start the engines (or the remote tier's clients). ``engine_metrics``: a
+        :class:`~audiostory_ensemble.vllm_metrics.VllmMetrics` whose stat loggers the embedded
+        engines report to (vLLM's engine statistics are off without it)."""
         o = self.options
         if o.remote:
             from .remote_llm import RemoteGenerateEngine, RemotePoolingEngine
@@ -190,8 +195,11 @@ class Planner:
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.options.kv_cache_gib))))
         before = set(serving.descendants(os.getpid()))
-        self.generate_engine = AsyncLLM.from_engine_args(self._engine_args(pooling=False))
-        self.pooling_engine = AsyncLLM.from_engine_args(self._engine_args(pooling=True))
+        loggers = (lambda engine: None if engine_metrics is None else [engine_metrics.stat_logger(engine)])
+        self.generate_engine = AsyncLLM.from_engine_args(self._engine_args(pooling=False),
+                                                         stat_loggers=loggers("generate"))
+        self.pooling_engine = AsyncLLM.from_engine_args(self._engine_args(pooling=True),
+                                                        stat_loggers=loggers("pooling"))
         self._engine_pids = [p for p in serving.descendants(os.getpid()) if p not in before]
         return self
 

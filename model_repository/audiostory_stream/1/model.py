@@ -47,6 +47,9 @@ class TritonPythonModel:
         # clip being rendered.
         self.pool = concurrent.futures.ThreadPoolExecutor(8 * self.limits.max_active_stories + 8, "story")
         self.metrics = StageMetrics(pb_utils, "audiostory_stream")
+        self.metrics.declare({"audiostory_requests_rejected_total": "Requests refused: server at capacity",
+                              "audiostory_requests_timed_out_total": "Stories failed by the timeout",
+                              "audiostory_requests_cancelled_total": "Stories cancelled by their client"})
         self._set_active(0)
 
     async def execute(self, requests):

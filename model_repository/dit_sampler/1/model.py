@@ -28,7 +28,7 @@ import triton_python_backend_utils as pb_utils
 from audiostory_ensemble import control, names, post, serving
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
-from audiostory_ensemble.metrics import BatchMetrics, StageMetrics
+from audiostory_ensemble.metrics import TTFC_BUCKETS, TTFC_DESCRIPTION, BatchMetrics, StageMetrics
 from audiostory_ensemble.sampler import flow_sigmas, initial_noise
 from audiostory_ensemble.scheduler import OnnxStepEngine, StepScheduler, TritonStepEngine
 from audiostory_ensemble.serving import CancelRegistry, PerKeyLimiter, PriorityGate
@@ -53,6 +53,13 @@ class TritonPythonModel:
         self.noise_cache = {0: initial_noise(0).numpy()[0]}
         self.sigma_cache = {}
         self.metrics = StageMetrics(pb_utils, "dit_sampler")
+        self.metrics.declare({"audiostory_clips_total": "Clips delivered",
+                              "audiostory_audio_seconds_total": "Seconds of story audio delivered",
+                              "audiostory_cancel_requests_total": "Control requests that cancelled a story",
+                              "audiostory_clips_cancelled_total": "Clips stopped by a cancel",
+                              "audiostory_steps_saved_total": "DiT steps not run because of a cancel",
+                              "audiostory_bls_retries_total": "BLS requests re-sent after no answer"},
+                             {"audiostory_time_to_first_clip_seconds": (TTFC_DESCRIPTION, TTFC_BUCKETS)})
         kind = param("dit_engine", "onnx")
         on_batch = None
         if kind == "onnx":

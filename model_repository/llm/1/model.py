@@ -48,9 +48,20 @@ class TritonPythonModel:
         self.planner = Planner.from_model(_param(args, "checkpoint"), options)
         # Only where continuation can run (a checkpoint with the audio path, embedded engines).
         self.audio_encoder = None if self.planner.continuation_refused else load_audio_encoder(self.planner.converted)
-        self.loop.run(self.planner.start())
+        # vLLM's engine metrics (both engines, label engine=generate|pooling) on Triton's /metrics;
+        # a remote tier's servers export their own.
+        self.engine_metrics = None
+        if not options.remote:
+            from audiostory_ensemble.vllm_metrics import VllmMetrics
+            self.engine_metrics = VllmMetrics(pb_utils, {"model": args["model_name"],
+                                                         "version": args["model_version"]})
+        self.loop.run(self.planner.start(self.engine_metrics))
         serving.guard_children()
         self.metrics = StageMetrics(pb_utils, "llm")
+        self.metrics.declare({"audiostory_cancel_requests_total": "Control requests that cancelled a story",
+                              "audiostory_plans_cancelled_total": "Plans stopped by a cancel",
+                              "audiostory_planner_tokens_total": "Tokens in the plans (generated and forced)",
+                              "audiostory_plans_total": "Plans written"})
         self.plans_by_key: dict[str, set] = {}     # story key -> futures of its plan coroutines
         self.cancelled = serving.CancelRegistry()   # a cancel may overtake its story's request
         where = (f"remote: generate {options.generate_url}, pooling {options.pooling_url}" if options.remote
@@ -148,6 +159,9 @@ class TritonPythonModel:
     def finalize(self):
         self.planner.shutdown()
         self.loop.stop()
+        if self.engine_metrics is not None:
+            self.engine_metrics.close()
+        self.metrics.close()
         serving.release_guard()
 
 
