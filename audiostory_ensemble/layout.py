@@ -131,7 +131,7 @@ VAE_WEIGHTS = "vae.safetensors"
 VAE_CONFIG = "vae_config.json"
 AUDIO_ENCODER_DIR = "audio_encoder"
 AUDIO_RESAMPLER_WEIGHTS = "audio_resampler.safetensors"
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"   # what wrote a folder (converted checkpoint, export) and from what
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Everything generated. AUDIOSTORY_BUILD moves it: the numpy-2 test run keeps its artefacts apart.

@@ -23,6 +23,14 @@ COND = "_COND"                # bridge -> dit_sampler: the DiT conditioning, [N,
 CANCEL = "_CANCEL"            # control input of the cancel targets: the story key
 STORY_KEY = "_STORY_KEY"      # optional input of audiostory_stream: a caller-chosen story key
 
+# The exported graphs' tensors (the export records them with their shapes, read back from the
+# graphs, in its manifest.json; the repository generator fills dit_step's and vae_decoder's
+# inputs and outputs from there).
+DIT_STEP_INPUTS = ("x", "cond", "duration", "sigma", "sigma_next", "guidance")
+DIT_STEP_OUTPUT = "x_next"
+VAE_INPUT = "latent"
+VAE_OUTPUT = "wave"
+
 
 def template_fields() -> dict[str, str]:
     """The names as the repository templates spell their fields."""

@@ -30,10 +30,11 @@ from typing import Callable
 
 import numpy as np
 
+from . import names
 from .config import BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES
 
-DIT_INPUTS = ("x", "cond", "duration", "sigma", "sigma_next", "guidance")
-DIT_OUTPUT = "x_next"
+DIT_INPUTS = names.DIT_STEP_INPUTS
+DIT_OUTPUT = names.DIT_STEP_OUTPUT
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,8 +96,8 @@ class OnnxStepEngine(StepEngine):
             raise ValueError(f"{path}: inputs {sorted(names)}, expected {sorted(DIT_INPUTS)}")
 
     def _run(self, x, cond, duration, sigma, sigma_next, guidance):
-        return self.session.run([DIT_OUTPUT], {"x": x, "cond": cond, "duration": duration, "sigma": sigma,
-                                                "sigma_next": sigma_next, "guidance": guidance})[0]
+        return self.session.run([DIT_OUTPUT], dict(zip(DIT_INPUTS, (x, cond, duration, sigma, sigma_next,
+                                                                     guidance))))[0]
 
 
 class TritonStepEngine(StepEngine):
@@ -125,7 +126,7 @@ class TritonStepEngine(StepEngine):
         return pb.get_output_tensor_by_name(result, DIT_OUTPUT).as_numpy()
 
     def _run(self, x, cond, duration, sigma, sigma_next, guidance):
-        arrays = dict(x=x, cond=cond, duration=duration, sigma=sigma, sigma_next=sigma_next, guidance=guidance)
+        arrays = dict(zip(DIT_INPUTS, (x, cond, duration, sigma, sigma_next, guidance)))
         rows = x.shape[0]
         chunks = [{k: v[a:a + self.max_batch] for k, v in arrays.items()} for a in range(0, rows, self.max_batch)]
         if len(chunks) == 1:

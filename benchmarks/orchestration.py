@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble import layout
+from audiostory_ensemble import layout, names
 from audiostory_ensemble.config import AUDIO_CHANNELS, BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES, WAVE_SAMPLES
 from benchmarks.bench_dit_step import commit, machine
 from benchmarks.loadgen import one_story, pct, workload
@@ -58,33 +58,40 @@ DIT_COUNTERS = ("audiostory_dit_step_rows_total", "audiostory_dit_step_batch_row
 # ------------------------------------------------------------------------------------------------
 
 def null_graphs(n: int, out: Path) -> Path:
-    """``dit_step.onnx`` and ``vae_decoder.onnx`` with the served names and shapes, no compute."""
+    """``dit_step.onnx`` and ``vae_decoder.onnx`` with the served names and shapes, no compute, and
+    the export's ``manifest.json`` (the repository generator reads the graphs' tensors from it)."""
     import onnx
     from onnx import TensorProto, helper
 
+    from export.export_onnx import MANIFEST, graph_io
+
     out.mkdir(parents=True, exist_ok=True)
     f32 = TensorProto.FLOAT
+    x, cond, duration, sigma, sigma_next, guidance = names.DIT_STEP_INPUTS
     vec = lambda name: helper.make_tensor_value_info(name, f32, ["B"])  # noqa: E731
     dit = helper.make_graph(
-        [helper.make_node("Mul", ["x", "keep"], ["x_next"])], "null_dit_step",
-        [helper.make_tensor_value_info("x", f32, ["B", LATENT_FRAMES, LATENT_CHANNELS]),
-         helper.make_tensor_value_info("cond", f32, ["B", n, BRIDGE_DIM]),
-         vec("duration"), vec("sigma"), vec("sigma_next"), vec("guidance")],
-        [helper.make_tensor_value_info("x_next", f32, ["B", LATENT_FRAMES, LATENT_CHANNELS])],
+        [helper.make_node("Mul", [x, "keep"], [names.DIT_STEP_OUTPUT])], "null_dit_step",
+        [helper.make_tensor_value_info(x, f32, ["B", LATENT_FRAMES, LATENT_CHANNELS]),
+         helper.make_tensor_value_info(cond, f32, ["B", n, BRIDGE_DIM]),
+         vec(duration), vec(sigma), vec(sigma_next), vec(guidance)],
+        [helper.make_tensor_value_info(names.DIT_STEP_OUTPUT, f32, ["B", LATENT_FRAMES, LATENT_CHANNELS])],
         [helper.make_tensor("keep", f32, [], [0.999])])
     vae = helper.make_graph(
-        [helper.make_node("Shape", ["latent"], ["shape"], start=0, end=1),
+        [helper.make_node("Shape", [names.VAE_INPUT], ["shape"], start=0, end=1),
          helper.make_node("Concat", ["shape", "tail"], ["wave_shape"], axis=0),
-         helper.make_node("ConstantOfShape", ["wave_shape"], ["wave"],
+         helper.make_node("ConstantOfShape", ["wave_shape"], [names.VAE_OUTPUT],
                           value=helper.make_tensor("zero", f32, [1], [0.0]))],
         "null_vae_decoder",
-        [helper.make_tensor_value_info("latent", f32, ["B", LATENT_FRAMES, LATENT_CHANNELS])],
-        [helper.make_tensor_value_info("wave", f32, ["B", AUDIO_CHANNELS, WAVE_SAMPLES])],
+        [helper.make_tensor_value_info(names.VAE_INPUT, f32, ["B", LATENT_FRAMES, LATENT_CHANNELS])],
+        [helper.make_tensor_value_info(names.VAE_OUTPUT, f32, ["B", AUDIO_CHANNELS, WAVE_SAMPLES])],
         [helper.make_tensor("tail", TensorProto.INT64, [2], [AUDIO_CHANNELS, WAVE_SAMPLES])])
-    for graph, name in ((dit, "dit_step.onnx"), (vae, "vae_decoder.onnx")):
+    graphs = {}
+    for graph, name in ((dit, names.DIT_STEP), (vae, names.VAE)):
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
         onnx.checker.check_model(model)
-        onnx.save(model, str(out / name))
+        onnx.save(model, str(out / f"{name}.onnx"))
+        graphs[name] = graph_io(out / f"{name}.onnx")
+    (out / MANIFEST).write_text(json.dumps({"model": "null", "graphs": graphs}, indent=2) + "\n")
     return out
 
 
@@ -249,9 +256,9 @@ def null_engine_ms(onnx_dir: Path, rows: int = 1, repeat: int = 200) -> float:
 
     session = ort_session(onnx_dir / "dit_step.onnx", threads=2)
     n = {i.name: i.shape for i in session.get_inputs()}["cond"][1]
-    feed = {"x": np.zeros((rows, LATENT_FRAMES, LATENT_CHANNELS), np.float32),
-            "cond": np.zeros((rows, n, BRIDGE_DIM), np.float32),
-            **{k: np.zeros(rows, np.float32) for k in ("duration", "sigma", "sigma_next", "guidance")}}
+    x, cond, *per_row = names.DIT_STEP_INPUTS
+    feed = {x: np.zeros((rows, LATENT_FRAMES, LATENT_CHANNELS), np.float32),
+            cond: np.zeros((rows, n, BRIDGE_DIM), np.float32), **{k: np.zeros(rows, np.float32) for k in per_row}}
     session.run(None, feed)
     t = time.perf_counter()
     for _ in range(repeat):

@@ -27,38 +27,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audiostory_ensemble import layout
+from audiostory_ensemble import layout, names
 from audiostory_ensemble.checkpoint import load_converted
-from audiostory_ensemble.config import BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES, WAVE_SAMPLES
+from audiostory_ensemble.config import BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES
 from audiostory_ensemble.serving import ort_session
 
 OPSET = 18
 EXPORT_BATCH = 2          # never 1: the exporter specialises size-1 dimensions
 
-DIT_INPUTS = ("x", "cond", "duration", "sigma", "sigma_next", "guidance")
-DIT_OUTPUTS = ("x_next",)
-VAE_INPUTS = ("latent",)
-VAE_OUTPUTS = ("wave",)
-DIT_FILE = "dit_step.onnx"
-VAE_FILE = "vae_decoder.onnx"
-MANIFEST = "manifest.json"
+DIT_INPUTS = names.DIT_STEP_INPUTS
+DIT_OUTPUTS = (names.DIT_STEP_OUTPUT,)
+VAE_INPUTS = (names.VAE_INPUT,)
+VAE_OUTPUTS = (names.VAE_OUTPUT,)
+DIT_FILE = f"{names.DIT_STEP}.onnx"
+VAE_FILE = f"{names.VAE}.onnx"
+MANIFEST = layout.MANIFEST
 
 
 def dit_example(n: int, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {
-        "x": torch.randn(batch, LATENT_FRAMES, LATENT_CHANNELS, generator=g),
-        "cond": torch.randn(batch, n, BRIDGE_DIM, generator=g) * 0.1,
-        "duration": torch.rand(batch, generator=g) * 30,
-        "sigma": torch.rand(batch, generator=g) * 0.9 + 0.1,
-        "sigma_next": torch.rand(batch, generator=g) * 0.1,
-        "guidance": torch.rand(batch, generator=g) * 6 + 1,
-    }
+    x = torch.randn(batch, LATENT_FRAMES, LATENT_CHANNELS, generator=g)
+    cond = torch.randn(batch, n, BRIDGE_DIM, generator=g) * 0.1
+    duration = torch.rand(batch, generator=g) * 30
+    sigma = torch.rand(batch, generator=g) * 0.9 + 0.1
+    sigma_next = torch.rand(batch, generator=g) * 0.1
+    guidance = torch.rand(batch, generator=g) * 6 + 1
+    return dict(zip(DIT_INPUTS, (x, cond, duration, sigma, sigma_next, guidance)))
 
 
 def vae_example(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"latent": torch.randn(batch, LATENT_FRAMES, LATENT_CHANNELS, generator=g)}
+    return {names.VAE_INPUT: torch.randn(batch, LATENT_FRAMES, LATENT_CHANNELS, generator=g)}
 
 
 def _export(module: torch.nn.Module, example: dict, inputs, outputs, path: Path) -> None:
@@ -81,6 +80,18 @@ def _check_dynamic(path: Path, inputs) -> None:
             d0 = inp.type.tensor_type.shape.dim[0]
             if not d0.dim_param:
                 raise RuntimeError(f"{path.name}: input {inp.name} has a fixed batch ({d0.dim_value}); export broke the dynamic axis")
+
+
+def graph_io(path: Path) -> dict:
+    """The graph's inputs and outputs as exported, in order: ``{name: ["B", d1, ...]}``
+    (the dynamic batch axis as ``"B"``)."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+
+    def shapes(values) -> dict:
+        return {v.name: [d.dim_value if not d.dim_param else "B" for d in v.type.tensor_type.shape.dim]
+                for v in values}
+    return {"file": path.name, "inputs": shapes(model.graph.input), "outputs": shapes(model.graph.output)}
 
 
 def fingerprint(converted_root: Path) -> str:
@@ -136,14 +147,7 @@ def export(model: str = "tiny", out: Path | None = None, force: bool = False, ch
         "exporter": f"torch.onnx.export(dynamo=True) torch {torch.__version__}",
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__},
-        "graphs": {
-            "dit_step": {"file": DIT_FILE, "inputs": {
-                "x": ["B", LATENT_FRAMES, LATENT_CHANNELS], "cond": ["B", cfg.num_t5_tokens, BRIDGE_DIM],
-                "duration": ["B"], "sigma": ["B"], "sigma_next": ["B"], "guidance": ["B"]},
-                "outputs": {"x_next": ["B", LATENT_FRAMES, LATENT_CHANNELS]}},
-            "vae_decoder": {"file": VAE_FILE, "inputs": {"latent": ["B", LATENT_FRAMES, LATENT_CHANNELS]},
-                            "outputs": {"wave": ["B", 2, WAVE_SAMPLES]}},
-        },
+        "graphs": {names.DIT_STEP: graph_io(out / DIT_FILE), names.VAE: graph_io(out / VAE_FILE)},
         "timings": timings,
         "parity_max_rel": checks,
     }

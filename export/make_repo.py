@@ -97,14 +97,25 @@ def control_input_line(name: str = control.CANCEL_INPUT) -> str:
     return f'  {{ name: "{name}" data_type: TYPE_STRING dims: [ 1 ] optional: true }}'
 
 
-def dit_input_lines(n: int, tensorrt: bool) -> str:
-    shapes = {"x": "645, 64", "cond": f"{n}, 1024", "duration": "1", "sigma": "1", "sigma_next": "1",
-              "guidance": "1"}
-    lines = []
-    for name, dims in shapes.items():
-        reshape = " reshape: { shape: [ ] }" if tensorrt and dims == "1" else ""
-        lines.append(f'  {{ name: "{name}" data_type: TYPE_FP32 dims: [ {dims} ]{reshape} }}')
-    return ",\n".join(lines)
+def graph_fields(onnx_dir: Path, tensorrt: bool) -> dict:
+    """``dit_step``'s and ``vae_decoder``'s inputs and outputs, as the export recorded them from the
+    graphs in its ``manifest.json``. A per-row scalar (shape ``[B]``) is declared ``[1]`` (Triton
+    has no rank-0 rows); the TensorRT form reshapes it back to ``[ ]``."""
+    path = onnx_dir / layout.MANIFEST
+    if not path.is_file():
+        raise SystemExit(f"make_repo: {path} not found: run `make export` first (the graphs' tensors are read from it)")
+    graphs = json.loads(path.read_text())["graphs"]
+
+    def lines(tensors: dict) -> str:
+        out = []
+        for name, shape in tensors.items():
+            dims = ", ".join(str(d) for d in shape[1:]) or "1"
+            reshape = " reshape: { shape: [ ] }" if tensorrt and not shape[1:] else ""
+            out.append(f'  {{ name: "{name}" data_type: TYPE_FP32 dims: [ {dims} ]{reshape} }}')
+        return ",\n".join(out)
+
+    return {f"{short}_{side}": lines(graphs[stage][side])
+            for stage, short in ((names.DIT_STEP, "dit"), (names.VAE, "vae")) for side in ("inputs", "outputs")}
 
 
 DIT_ENGINES = {
@@ -146,7 +157,6 @@ def fields(profile: str, settings: dict, checkpoint: Path) -> dict:
         "limits": _json_literal(vars(limits)),
         "llm_kind": "KIND_MODEL" if gpu else "KIND_CPU",
         "engine_kind": "KIND_GPU" if gpu else "KIND_CPU",
-        "dit_inputs": dit_input_lines(cfg.num_t5_tokens, tensorrt=gpu),
         "llm_gpus": json.dumps(_gpu_list(settings, "llm_gpus")),   # a JSON list inside a pbtxt string
         "dit_gpus": _gpus_clause(settings, "dit_gpus", gpu),
         "vae_gpus": _gpus_clause(settings, "vae_gpus", gpu),
@@ -212,7 +222,7 @@ def make_repo(profile: str, model: str, out: Path, settings_path: Path | None = 
         if manifest.exists():
             settings["engines"] = json.loads(manifest.read_text())["engines"]
     common = {**fields(profile, settings, checkpoint), **dit_engine_fields(settings, onnx_dir),
-              **names.template_fields()}
+              **graph_fields(onnx_dir, tensorrt=profile == "gpu"), **names.template_fields()}
     if out.exists():
         shutil.rmtree(out)
     for name in PIPELINE:

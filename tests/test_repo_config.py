@@ -108,8 +108,12 @@ def plan_problems(name, cfg, folder, graph, export_dir, settings, profile, engin
         out.append(f"{name}: no plan file 1/{plan}")
     model = onnx.load(str(export_dir / graph["file"]), load_external_data=False)
     types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+    # The graph itself, not the manifest (which the generator reads): a stale manifest must show here.
+    in_graph = {kind: {v.name: ["B" if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim]
+                       for v in values} for kind, values in (("inputs", model.graph.input),
+                                                             ("outputs", model.graph.output))}
     for kind in ("inputs", "outputs"):
-        have, want = tensors(cfg, kind[:-1] if kind == "inputs" else "output"), graph[kind]
+        have, want = tensors(cfg, kind[:-1] if kind == "inputs" else "output"), in_graph[kind]
         if set(have) != set(want):
             out.append(f"{name}: {kind} {sorted(have)} are not the graph's {sorted(want)}")
             continue
@@ -225,13 +229,6 @@ def test_a_missing_engines_manifest_is_named(exported, tmp_path):
 # Faults planted in a copy of the templates, each one a config Triton or the tensorrt backend refuses:
 # (profile, model, template text, planted text, what the check must say).
 FAULTS = {
-    "an input name the graph does not have": ("gpu", "vae_decoder", '{ name: "latent"', '{ name: "latents"',
-                                              "are not the graph's ['latent']"),
-    "output dims off by one": ("gpu", "vae_decoder", "dims: [ 2, 1320960 ]", "dims: [ 2, 1320961 ]",
-                               "wave is [-1, 2, 1320961]"),
-    "output axes swapped": ("gpu", "dit_step", "dims: [ 645, 64 ]", "dims: [ 64, 645 ]", "x_next is [-1, 64, 645]"),
-    "a wrong data type": ("gpu", "dit_step", "data_type: TYPE_FP32 dims: [ 645, 64 ]",
-                          "data_type: TYPE_FP16 dims: [ 645, 64 ]", "x_next is TYPE_FP16"),
     "placement dropped from the template": ("gpu", "dit_step", "${dit_instances}${dit_gpus}", "${dit_instances}",
                                             "placement setting dit_gpus"),
     "a batch larger than the plan's profile": ("gpu", "dit_step", "max_batch_size: ${dit_max_batch}",
@@ -240,6 +237,22 @@ FAULTS = {
     "KIND_GPU on a CPU host": ("cpu", "bridge", "kind: KIND_CPU", "kind: KIND_GPU", "KIND_GPU in the cpu"),
     "an ensemble step reading an input its model lacks": ("cpu", "audiostory", 'input_map { key: "${t_sem}"',
                                                           'input_map { key: "_SEMX"', "bridge has no input _SEMX"),
+}
+
+
+def _rename(tensors: dict, old: str, new: str) -> None:
+    tensors[new] = tensors.pop(old)
+
+
+# The graphs' tensors are filled from the export's manifest: a manifest that disagrees with the
+# graphs (stale, or edited) must show. (what is changed in the manifest's "graphs", what the check says)
+MANIFEST_FAULTS = {
+    "an input name the graph does not have": (lambda g: _rename(g["vae_decoder"]["inputs"], "latent", "latents"),
+                                              "are not the graph's ['latent']"),
+    "output dims off by one": (lambda g: g["vae_decoder"]["outputs"]["wave"].__setitem__(2, 1320961),
+                               "wave is [-1, 2, 1320961]"),
+    "output axes swapped": (lambda g: g["dit_step"]["outputs"].__setitem__("x_next", ["B", 64, 645]),
+                            "x_next is [-1, 64, 645]"),
 }
 
 
@@ -258,3 +271,26 @@ def test_the_checks_catch_a_planted_fault(fault, exported, engines, placement, t
                        engines_manifest=engines if gpu else None)
     found = problems(repo, exported, engines if gpu else None)
     assert any(expect in p for p in found), found
+
+
+@pytest.mark.parametrize("fault", sorted(MANIFEST_FAULTS))
+def test_the_checks_catch_a_manifest_that_disagrees_with_the_graphs(fault, exported, engines, placement, tmp_path):
+    plant, expect = MANIFEST_FAULTS[fault]
+    export_copy = tmp_path / "export"
+    export_copy.mkdir()
+    for item in exported.iterdir():
+        (export_copy / item.name).symlink_to(item.resolve())
+    manifest = json.loads((exported / "manifest.json").read_text())
+    plant(manifest["graphs"])
+    (export_copy / "manifest.json").unlink()
+    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    repo = M.make_repo("gpu", "tiny", tmp_path / "repo", placement, onnx_dir=export_copy, engines_manifest=engines)
+    found = problems(repo, exported, engines)
+    assert any(expect in p for p in found), found
+
+
+def test_the_checks_catch_a_data_type_the_graph_does_not_have(exported, engines, placement, tmp_path):
+    repo = M.make_repo("gpu", "tiny", tmp_path / "repo", placement, engines_manifest=engines)
+    config = repo / "dit_step" / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "x" data_type: TYPE_FP32', 'name: "x" data_type: TYPE_FP16', 1))
+    assert any("x is TYPE_FP16" in p for p in problems(repo, exported, engines))
