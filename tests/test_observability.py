@@ -332,3 +332,21 @@ def test_the_checks_catch_a_misspelt_series(prometheus):
     assert unknown_series(p, hidden, known) == {"nv_inference_exec_counts"}
     assert series_names('histogram_quantile(0.99, sum by (le, engine) (rate(vllm:ttft_bucket{a="b"}[5m]))) / 1e6') \
         == {"vllm:ttft_bucket"}
+
+
+def test_the_engine_series_carry_vllms_own_names():
+    """The names a vLLM user knows: every engine series we export is one vLLM's own Prometheus
+    logger defines (counters with the `_total` prometheus_client appends), so one dashboard and
+    one rule file read the embedded engines and a disaggregated tier's vLLM servers alike."""
+    import inspect
+
+    from vllm.v1.metrics import loggers
+
+    from audiostory_ensemble import vllm_metrics as vm
+
+    theirs = set(re.findall(r'name="(vllm:[a-z0-9_]+)"', inspect.getsource(loggers.PrometheusStatLogger)))
+    assert len(theirs) > 20
+    ours = {*vm.GAUGES, *vm.HISTOGRAMS} | {n.removesuffix("_total") for n in (*vm.COUNTERS, vm.SUCCESS)}
+    assert all(n.endswith("_total") for n in (*vm.COUNTERS, vm.SUCCESS))
+    assert ours <= theirs, ours - theirs
+    assert "vllm:kv_cache_usage_perc" in ours and "vllm:inter_token_latency_seconds" in ours
