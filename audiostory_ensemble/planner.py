@@ -42,7 +42,7 @@ from .checkpoint import Converted, load_converted
 from .config import (DEFAULT_DURATION_POLICY, DEFAULT_SEED, DEFAULT_TOTAL_DURATION_S, DURATION_POLICIES,
                      MAX_DURATION_S, MAX_NEW_TOKENS)
 from . import script as script_mod
-from . import serving
+from .serving.processes import descendants, shm_mappings, unlink_unmapped_shm
 from .audio_input import audio_block, continuation_instruction
 from .grammar import (ClipSpan, NoClipError, PlanError, TokenIds, build_instruction, build_prompt,
                       parse_clip_at, parse_plan)
@@ -103,7 +103,7 @@ class PlanRequest:
 
     @classmethod
     def from_params(cls, params, audio_rows: np.ndarray | None = None, **kw) -> "PlanRequest":
-        """From validated request params (``serving.RequestParams``): the instruction per mode."""
+        """From validated request params (``serving.request.RequestParams``): the instruction per mode."""
         script = script_mod.plan_clips(params.segments) if params.segments else None
         return cls(params.instruction, params.total_duration, params.seed, params.duration_policy,
                    script=script, audio_rows=audio_rows, **kw)
@@ -194,13 +194,13 @@ class Planner:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.options.kv_cache_gib))))
-        before = set(serving.descendants(os.getpid()))
+        before = set(descendants(os.getpid()))
         loggers = (lambda engine: None if engine_metrics is None else [engine_metrics.stat_logger(engine)])
         self.generate_engine = AsyncLLM.from_engine_args(self._engine_args(pooling=False),
                                                          stat_loggers=loggers("generate"))
         self.pooling_engine = AsyncLLM.from_engine_args(self._engine_args(pooling=True),
                                                         stat_loggers=loggers("pooling"))
-        self._engine_pids = [p for p in serving.descendants(os.getpid()) if p not in before]
+        self._engine_pids = [p for p in descendants(os.getpid()) if p not in before]
         return self
 
     def shutdown(self) -> None:
@@ -209,13 +209,13 @@ class Planner:
         engines = [e for e in (self.generate_engine, self.pooling_engine) if e is not None]
         self.generate_engine = self.pooling_engine = None
         pids, self._engine_pids = self._engine_pids, []
-        shm = serving.shm_mappings(pids)
+        shm = shm_mappings(pids)
         for e in engines:
             try:
                 e.shutdown()
             except Exception:  # noqa: BLE001 - best effort at teardown
                 pass
-        serving.unlink_unmapped_shm(pids, shm)
+        unlink_unmapped_shm(pids, shm)
 
     # -- helpers ----------------------------------------------------------------------------------
     @property

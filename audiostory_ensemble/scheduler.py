@@ -87,7 +87,7 @@ class OnnxStepEngine(StepEngine):
     onnxruntime build has it: rows then cross to the device at every step)."""
 
     def __init__(self, path, capacity: int, num_tokens: int, threads: int = 0, device_id: int | None = None):
-        from .serving import ort_session
+        from .serving.onnx_runner import ort_session
 
         super().__init__(capacity, num_tokens)
         self.session = ort_session(path, threads, device_id)

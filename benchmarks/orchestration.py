@@ -252,7 +252,7 @@ def null_engine_ms(onnx_dir: Path, rows: int = 1, repeat: int = 200) -> float:
     """The null step itself, bare onnxruntime (what the per-step figure includes of the engine)."""
     import numpy as np
 
-    from audiostory_ensemble.serving import ort_session
+    from audiostory_ensemble.serving.onnx_runner import ort_session
 
     session = ort_session(onnx_dir / "dit_step.onnx", threads=2)
     n = {i.name: i.shape for i in session.get_inputs()}["cond"][1]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble import layout
-from audiostory_ensemble.serving import descendants
+from audiostory_ensemble.serving.processes import descendants
 from benchmarks.bench_dit_step import commit, machine
 from benchmarks.loadgen import one_story, pct, workload
 

@@ -30,7 +30,7 @@ import torch
 from audiostory_ensemble import layout, names
 from audiostory_ensemble.checkpoint import load_converted
 from audiostory_ensemble.config import BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES
-from audiostory_ensemble.serving import ort_session
+from audiostory_ensemble.serving.onnx_runner import ort_session
 
 OPSET = 18
 EXPORT_BATCH = 2          # never 1: the exporter specialises size-1 dimensions

@@ -28,7 +28,7 @@ from audiostory_ensemble import control
 from audiostory_ensemble import interface as I
 from audiostory_ensemble import layout, names
 from audiostory_ensemble.checkpoint import load_converted
-from audiostory_ensemble.serving import Limits
+from audiostory_ensemble.serving.request import Limits
 
 TEMPLATES = layout.PROJECT_ROOT / "model_repository"
 PIPELINE = (names.LLM, names.BRIDGE, names.SAMPLER, names.DIT_STEP, names.VAE, I.ENSEMBLE, I.STREAM_MODEL,

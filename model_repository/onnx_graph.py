@@ -5,7 +5,8 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble.metrics import StageMetrics
-from audiostory_ensemble.serving import OnnxBatchRunner, instance_gpu
+from audiostory_ensemble.serving.onnx_runner import OnnxBatchRunner
+from audiostory_ensemble.serving.placement import instance_gpu
 
 
 class TritonPythonModel:

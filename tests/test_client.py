@@ -15,7 +15,7 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, 
 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE
-from audiostory_ensemble.serving import parse_request
+from audiostory_ensemble.serving.request import parse_request
 from audiostory_ensemble.stitch import StoryAssembler
 from client.__main__ import _params, prepend_input
 from client.api import _clip_from, request_arrays

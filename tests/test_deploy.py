@@ -141,7 +141,7 @@ def test_gpu_placement_settings_reach_the_instance_groups_and_the_llm(converted)
 
 
 def test_models_bind_to_the_gpu_triton_assigns():
-    from audiostory_ensemble.serving import instance_gpu, visible_gpus
+    from audiostory_ensemble.serving.placement import instance_gpu, visible_gpus
 
     gpu3 = {"model_instance_kind": "GPU", "model_instance_device_id": "3"}
     assert instance_gpu(gpu3) == 3 and instance_gpu({"model_instance_kind": "CPU"}) is None

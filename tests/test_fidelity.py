@@ -13,7 +13,7 @@ from audiostory_ensemble import post
 from audiostory_ensemble.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
 from audiostory_ensemble.sampler import flow_sigmas, initial_noise
 from audiostory_ensemble.scheduler import Job, OnnxStepEngine, StepScheduler
-from audiostory_ensemble.serving import ort_session
+from audiostory_ensemble.serving.onnx_runner import ort_session
 from tests.parity import assert_story_parity
 
 FAULTS = ("swapped conditioning", "duration off by one second", "one Euler step skipped",

@@ -9,7 +9,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.serving import alive, descendants, shm_mappings
+from audiostory_ensemble.serving.processes import alive, descendants, shm_mappings
 from client.api import AudioStoryClient, AudioStoryError, health_check, request_arrays
 from tests.serverutil import OpenStream, grpc_inputs, infer_error, metric, scrape, served, wait_for
 

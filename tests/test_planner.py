@@ -6,7 +6,7 @@ import pytest
 
 from audiostory_ensemble.grammar import NoClipError, build_instruction, build_prompt, parse_plan
 from audiostory_ensemble.planner import PlannedClip, PlanRequest, Planner, scale_to_total
-from audiostory_ensemble.serving import LoopThread
+from audiostory_ensemble.serving.loop import LoopThread
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +266,7 @@ def test_a_dead_engine_is_an_error_not_a_hang(planner, sample_instructions):
     import signal
 
     from audiostory_ensemble.planner import PlannerError
-    from audiostory_ensemble.serving import descendants
+    from audiostory_ensemble.serving.processes import descendants
 
     killed = 0
     for pid in descendants(os.getpid()):

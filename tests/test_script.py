@@ -6,7 +6,7 @@ import pytest
 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble import post, script
-from audiostory_ensemble.serving import RequestError, parse_request
+from audiostory_ensemble.serving.request import RequestError, parse_request
 
 SR = 32000
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.serving import ClipMeta, RequestError, parse_request
+from audiostory_ensemble.serving.records import ClipMeta
+from audiostory_ensemble.serving.request import RequestError, parse_request
 from audiostory_ensemble.stitch import StoryAssembler
 from client.api import request_arrays
 
@@ -115,7 +116,7 @@ def test_guard_kills_engine_processes_when_the_stub_is_killed():
               "print('mapped', flush=True); time.sleep(300)\n")
     code = (
         "import subprocess, sys, threading, time\n"
-        "from audiostory_ensemble.serving import guard_children\n"
+        "from audiostory_ensemble.serving.processes import guard_children\n"
         "procs = []\n"
         f"t = threading.Thread(target=lambda: procs.append(subprocess.Popen([sys.executable, '-c', {engine!r}], "
         "stdout=subprocess.PIPE)))\n"
@@ -140,7 +141,7 @@ def test_guard_kills_engine_processes_when_the_stub_is_killed():
 def test_per_key_limiter_serves_in_order_and_forgets_idle_keys():
     import asyncio
 
-    from audiostory_ensemble.serving import PerKeyLimiter
+    from audiostory_ensemble.serving.gates import PerKeyLimiter
 
     limiter = PerKeyLimiter(1)
     events = []
@@ -164,7 +165,7 @@ def test_per_key_limiter_serves_in_order_and_forgets_idle_keys():
 def test_priority_gate_admits_the_oldest_request_first_and_never_exceeds_capacity():
     import asyncio
 
-    from audiostory_ensemble.serving import PriorityGate
+    from audiostory_ensemble.serving.gates import PriorityGate
 
     gate = PriorityGate(2)
     started, holding = [], [0]
@@ -195,7 +196,7 @@ def test_priority_gate_admits_the_oldest_request_first_and_never_exceeds_capacit
 def test_priority_gate_survives_cancelled_waiters():
     import asyncio
 
-    from audiostory_ensemble.serving import PriorityGate
+    from audiostory_ensemble.serving.gates import PriorityGate
 
     gate = PriorityGate(1)
 
@@ -226,7 +227,7 @@ def test_priority_gate_survives_cancelled_waiters():
 
 
 def test_cancel_registry_remembers_keys_for_the_ttl():
-    from audiostory_ensemble.serving import CancelRegistry
+    from audiostory_ensemble.serving.gates import CancelRegistry
 
     now = [0.0]
     reg = CancelRegistry(ttl=10, clock=lambda: now[0])
@@ -239,7 +240,7 @@ def test_cancel_registry_remembers_keys_for_the_ttl():
 
 
 def test_cancel_registry_is_capped_under_a_flood_of_cancels():
-    from audiostory_ensemble.serving import CancelRegistry
+    from audiostory_ensemble.serving.gates import CancelRegistry
 
     now = [0.0]
     reg = CancelRegistry(ttl=10, clock=lambda: now[0], max_keys=100)

@@ -11,7 +11,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble import control, serving
+from audiostory_ensemble import control
+from audiostory_ensemble.serving.request import Limits, RequestError, parse_request
 from audiostory_ensemble.stitch import StoryAssembler
 
 
@@ -19,7 +20,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = json.loads(args["model_config"]).get("parameters", {})
         self.stream_model = params.get("stream_model", {}).get("string_value", I.STREAM_MODEL)
-        self.limits = serving.Limits(**json.loads(params.get("limits", {}).get("string_value", "{}")))
+        self.limits = Limits(**json.loads(params.get("limits", {}).get("string_value", "{}")))
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
@@ -27,8 +28,8 @@ class TritonPythonModel:
     def _one(self, request):
         inputs = {t.name: pb_utils.get_input_tensor_by_name(request, t.name) for t in I.REQUEST_INPUTS}
         try:
-            serving.parse_request(lambda n: None if inputs[n] is None else inputs[n].as_numpy(), self.limits)
-        except serving.RequestError as e:
+            parse_request(lambda n: None if inputs[n] is None else inputs[n].as_numpy(), self.limits)
+        except RequestError as e:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
         story = StoryAssembler()
         key = control.new_key()

@@ -22,7 +22,9 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from audiostory_ensemble import control, names, serving
+from audiostory_ensemble import control, names
+from audiostory_ensemble.serving.loop import ensure_heartbeat
+from audiostory_ensemble.serving.request import Limits, RequestError, parse_request
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.metrics import StageMetrics
 
@@ -40,7 +42,7 @@ class TritonPythonModel:
         params = json.loads(args["model_config"]).get("parameters", {})
         param = lambda key, default: params.get(key, {}).get("string_value", default)  # noqa: E731
         self.llm, self.bridge, self.sampler = param("llm", names.LLM), param("bridge", names.BRIDGE), param("sampler", names.SAMPLER)
-        self.limits = serving.Limits(**json.loads(param("limits", "{}")))
+        self.limits = Limits(**json.loads(param("limits", "{}")))
         self.poll_s = 0.05
         self.active = 0
         # Blocking BLS stream iterators run on these threads: one per story (its plan) and one per
@@ -53,7 +55,7 @@ class TritonPythonModel:
         self._set_active(0)
 
     async def execute(self, requests):
-        serving.ensure_heartbeat()
+        ensure_heartbeat()
         await asyncio.gather(*(self._one(r) for r in requests))
         return None
 
@@ -65,9 +67,9 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         inputs = {t.name: pb_utils.get_input_tensor_by_name(request, t.name) for t in I.REQUEST_INPUTS}
         try:
-            serving.parse_request(lambda n: None if inputs[n] is None else inputs[n].as_numpy(), self.limits)
+            parse_request(lambda n: None if inputs[n] is None else inputs[n].as_numpy(), self.limits)
             key = _story_key(request)
-        except serving.RequestError as e:
+        except RequestError as e:
             return self._error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
         if self.active >= self.limits.max_active_stories:
             self.metrics.counter("audiostory_requests_rejected_total", "Requests refused: server at capacity")
@@ -188,5 +190,5 @@ def _story_key(request) -> str:
         return control.new_key()
     key = control.read_key(t.as_numpy())
     if not control.valid_key(key):
-        raise serving.RequestError(f"{control.STORY_KEY_INPUT} must be 32 lowercase hex digits")
+        raise RequestError(f"{control.STORY_KEY_INPUT} must be 32 lowercase hex digits")
     return key

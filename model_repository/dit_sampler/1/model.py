@@ -25,13 +25,16 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from audiostory_ensemble import control, names, post, serving
+from audiostory_ensemble import control, names, post
+from audiostory_ensemble.serving.loop import ensure_heartbeat
+from audiostory_ensemble.serving.placement import instance_gpu
+from audiostory_ensemble.serving.records import ClipMeta
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
 from audiostory_ensemble.metrics import TTFC_BUCKETS, TTFC_DESCRIPTION, BatchMetrics, StageMetrics
 from audiostory_ensemble.sampler import flow_sigmas, initial_noise
 from audiostory_ensemble.scheduler import OnnxStepEngine, StepScheduler, TritonStepEngine
-from audiostory_ensemble.serving import CancelRegistry, PerKeyLimiter, PriorityGate
+from audiostory_ensemble.serving.gates import CancelRegistry, PerKeyLimiter, PriorityGate
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -64,7 +67,7 @@ class TritonPythonModel:
         on_batch = None
         if kind == "onnx":
             engine = OnnxStepEngine(param("onnx_path", ""), capacity, n, int(param("threads", "0")),
-                                    serving.instance_gpu(args))
+                                    instance_gpu(args))
             # The step runs here, not in dit_step: its batch metrics are reported here, under its name.
             self.batch_metrics = BatchMetrics(StageMetrics(pb_utils, "dit_step"), "dit_step")
             on_batch = self.batch_metrics.add
@@ -77,7 +80,7 @@ class TritonPythonModel:
         self.scheduler = StepScheduler(engine, on_batch, min_batch=int(param("min_batch", "1")))
 
     async def execute(self, requests):
-        serving.ensure_heartbeat()
+        ensure_heartbeat()
         await asyncio.gather(*(self._one(r) for r in requests))
         return None
 
@@ -110,7 +113,7 @@ class TritonPythonModel:
             sender.send(flags=FINAL)
             return
         try:
-            meta = serving.ClipMeta.decode(meta_t.as_numpy())
+            meta = ClipMeta.decode(meta_t.as_numpy())
         except (ValueError, TypeError, KeyError) as e:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"dit_sampler: bad _META: {e}")),
                         flags=FINAL)
@@ -159,7 +162,7 @@ class TritonPythonModel:
         """One BLS request for one output (numpy); re-sent if no answer came within `bls_timeout_s`,
         an error answer raises.
 
-        A safety net behind :func:`serving.ensure_heartbeat` (which fixed the stalls the soak
+        A safety net behind :func:`ensure_heartbeat` (which fixed the stalls the soak
         benchmark found). The VAE is a pure function of its input, so re-sending is safe; retries
         are counted in ``audiostory_bls_retries_total``.
         """

@@ -23,7 +23,13 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from audiostory_ensemble import control, names, serving  # noqa: E402
+from audiostory_ensemble import control, names  # noqa: E402
+from audiostory_ensemble.serving.gates import CancelRegistry  # noqa: E402
+from audiostory_ensemble.serving.loop import LoopThread  # noqa: E402
+from audiostory_ensemble.serving.placement import visible_gpus  # noqa: E402
+from audiostory_ensemble.serving.processes import guard_children, release_guard  # noqa: E402
+from audiostory_ensemble.serving.records import ClipMeta  # noqa: E402
+from audiostory_ensemble.serving.request import Limits, RequestError, parse_request  # noqa: E402
 from audiostory_ensemble.metrics import StageMetrics  # noqa: E402
 from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest, load_audio_encoder  # noqa: E402
 
@@ -39,12 +45,12 @@ class TritonPythonModel:
     def initialize(self, args):
         self.logger = pb_utils.Logger
         # Before any CUDA use: vLLM sees the configured GPU set (or this instance's GPU), not GPU 0.
-        gpus = serving.visible_gpus(args, json.loads(_param(args, "gpus", "[]")))
+        gpus = visible_gpus(args, json.loads(_param(args, "gpus", "[]")))
         if gpus is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus
         options = EngineOptions.from_dict(json.loads(_param(args, "engine_options", "{}")))
-        self.limits = serving.Limits(**json.loads(_param(args, "limits", "{}")))
-        self.loop = serving.LoopThread("llm-loop")
+        self.limits = Limits(**json.loads(_param(args, "limits", "{}")))
+        self.loop = LoopThread("llm-loop")
         self.planner = Planner.from_model(_param(args, "checkpoint"), options)
         # Only where continuation can run (a checkpoint with the audio path, embedded engines).
         self.audio_encoder = None if self.planner.continuation_refused else load_audio_encoder(self.planner.converted)
@@ -56,14 +62,14 @@ class TritonPythonModel:
             self.engine_metrics = VllmMetrics(pb_utils, {"model": args["model_name"],
                                                          "version": args["model_version"]})
         self.loop.run(self.planner.start(self.engine_metrics))
-        serving.guard_children()
+        guard_children()
         self.metrics = StageMetrics(pb_utils, "llm")
         self.metrics.declare({"audiostory_cancel_requests_total": "Control requests that cancelled a story",
                               "audiostory_plans_cancelled_total": "Plans stopped by a cancel",
                               "audiostory_planner_tokens_total": "Tokens in the plans (generated and forced)",
                               "audiostory_plans_total": "Plans written"})
         self.plans_by_key: dict[str, set] = {}     # story key -> futures of its plan coroutines
-        self.cancelled = serving.CancelRegistry()   # a cancel may overtake its story's request
+        self.cancelled = CancelRegistry()   # a cancel may overtake its story's request
         where = (f"remote: generate {options.generate_url}, pooling {options.pooling_url}" if options.remote
                  else f"in-process on {self.planner.converted.llm_dir}, CUDA_VISIBLE_DEVICES={gpus}")
         self.logger.log_info(f"llm: engines ready ({where})")
@@ -77,9 +83,9 @@ class TritonPythonModel:
                 sender.send(flags=FINAL)
                 continue
             try:
-                params = serving.parse_request(
+                params = parse_request(
                     lambda name: _input(request, name), self.limits)
-            except serving.RequestError as e:
+            except RequestError as e:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     str(e), pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
                 continue
@@ -124,14 +130,14 @@ class TritonPythonModel:
             rows = None
             if params.input_audio is not None:
                 if self.planner.continuation_refused:   # before any encoder work
-                    raise serving.RequestError(self.planner.continuation_refused)
+                    raise RequestError(self.planner.continuation_refused)
                 rows = await asyncio.to_thread(self.audio_encoder, params.input_audio, params.input_sample_rate)
             req = PlanRequest.from_params(params, rows)
             async with contextlib.aclosing(self.planner.plan(req)) as plan:  # closing aborts in vLLM
                 async for clip in plan:
                     if sender.is_cancelled():
                         raise asyncio.CancelledError
-                    meta = serving.ClipMeta.of_planned(clip, params, req.request_id, arrival, key)
+                    meta = ClipMeta.of_planned(clip, params, req.request_id, arrival, key)
                     response = pb_utils.InferenceResponse([
                         pb_utils.Tensor(names.SEM, clip.sem.astype(np.float32)),
                         pb_utils.Tensor(names.RES, clip.res.astype(np.float32)),
@@ -146,7 +152,7 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001 - every failure becomes an error response
             self.logger.log_error(f"llm: request {key}: {type(e).__name__}: {e}")
             if not sent_final:
-                code = pb_utils.TritonError.INVALID_ARG if isinstance(e, serving.RequestError) else None
+                code = pb_utils.TritonError.INVALID_ARG if isinstance(e, RequestError) else None
                 error = pb_utils.TritonError(str(e)) if code is None else pb_utils.TritonError(str(e), code)
                 sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
                 sent_final = True
@@ -162,7 +168,7 @@ class TritonPythonModel:
         if self.engine_metrics is not None:
             self.engine_metrics.close()
         self.metrics.close()
-        serving.release_guard()
+        release_guard()
 
 
 def _input(request, name):

@@ -1,0 +1,11 @@
+"""What the Triton python models share, by job, free of ``triton_python_backend_utils`` so that all of
+it is importable and testable anywhere (the ``model.py`` files pass numpy arrays in and out):
+
+- ``request``: request validation (``parse_request``, ``Limits``, ``RequestParams``, ``RequestError``);
+- ``records``: the clip record that travels between the stages (``ClipMeta``);
+- ``placement``: which GPU a model instance runs on;
+- ``onnx_runner``: onnxruntime sessions and the batched runner of the cpu ``dit_step``/``vae_decoder``;
+- ``gates``: asyncio admission (``PriorityGate``, ``PerKeyLimiter``) and the cancel registry;
+- ``loop``: an event loop on its own thread, and the heartbeat that keeps a stub's loop awake;
+- ``processes``: the process tree and its shared memory, the orphan guard; ``watchdog`` is the
+  guard's own program (``python -m audiostory_ensemble.serving.watchdog``)."""

@@ -1,0 +1,120 @@
+"""asyncio admission and cancellation: who may run next, how many per request, which stories are
+cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import time
+from typing import Callable
+
+
+class CancelRegistry:
+    """Keys of cancelled stories, remembered for ``ttl`` seconds (clips of a cancelled story can
+    still be on their way between stages when the cancel arrives), and at most ``max_keys`` of them
+    (the oldest forgotten first), so that a flood of cancels cannot grow it without bound."""
+
+    def __init__(self, ttl: float = 600.0, clock: Callable[[], float] | None = None, max_keys: int = 65536):
+        self.ttl = ttl
+        self.max_keys = max_keys
+        self._clock = clock or time.monotonic
+        self._keys: dict[str, float] = {}
+
+    def cancel(self, key: str) -> None:
+        if key:
+            self._prune()
+            self._keys.pop(key, None)
+            self._keys[key] = self._clock()
+            while len(self._keys) > self.max_keys:
+                self._keys.pop(next(iter(self._keys)))
+
+    def __contains__(self, key: str) -> bool:
+        return bool(key) and key in self._keys
+
+    def _prune(self) -> None:
+        now = self._clock()
+        while self._keys:               # insertion order is time order: the expired ones lead
+            k = next(iter(self._keys))
+            if now - self._keys[k] <= self.ttl:
+                break
+            del self._keys[k]
+
+    def __len__(self) -> int:
+        self._prune()
+        return len(self._keys)
+
+
+class PriorityGate:
+    """At most ``capacity`` holders at once; waiters are admitted lowest ``priority`` first
+    (FIFO among equals). With ``priority = (request arrival, clip index)`` the clips of requests
+    already in progress take freed slots before a newer request starts its DiT work."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.held = 0
+        self._waiters: list = []     # heap of (priority, sequence, future)
+        self._seq = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority=0):
+        if self.held < self.capacity and not self._waiters:
+            self.held += 1
+        else:
+            fut = asyncio.get_running_loop().create_future()
+            self._seq += 1
+            entry = (priority, self._seq, fut)
+            heapq.heappush(self._waiters, entry)
+            try:
+                await fut                      # the releaser counted us in ``held``
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._release()            # admitted and cancelled at once: pass the slot on
+                else:
+                    self._waiters.remove(entry)
+                    heapq.heapify(self._waiters)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)           # the slot passes straight to the next waiter
+                return
+        self.held -= 1
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+
+class PerKeyLimiter:
+    """At most ``limit`` holders per key at once, served first come first served (asyncio)."""
+
+    def __init__(self, limit: int = 1):
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        self.limit = limit
+        self._sems: dict[str, asyncio.Semaphore] = {}
+        self._users: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key: str):
+        sem = self._sems.setdefault(key, asyncio.Semaphore(self.limit))
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with sem:
+                yield
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:        # nobody holds or waits: forget the key
+                del self._users[key], self._sems[key]
+
+    def __len__(self) -> int:
+        return len(self._sems)

@@ -1,0 +1,64 @@
+"""The clip record that travels with each clip through the stages (one BYTES tensor)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .. import post
+from .request import RequestParams
+
+
+@dataclass
+class ClipMeta:
+    """Travels with each clip through the ensemble (one BYTES tensor, ``_META``).
+
+    Triton 2.51's ensemble does not pair outputs of different steps per decoupled response (a
+    clip's caption can be joined to another clip's audio), so every step passes this through and
+    the last step emits all public outputs together.
+    """
+    request_id: str
+    index: int
+    caption: str
+    start_s: float
+    duration_s: float          # the clip's length in the story
+    render_s: float            # what the DiT renders: + crossfade for all but the last clip
+    is_last: bool
+    guidance: float
+    seed: int
+    num_steps: int
+    arrival: float = 0.0       # wall-clock time the request reached the planner (for metrics)
+    cancel_key: str = ""       # the request id the front door cancels the story by ("" = none)
+    fade_in: bool = False      # script mode: crossfaded from the previous clip
+    fade_out: bool = False     # script mode: crossfaded into the next clip (render_s has the tail)
+    timeline_s: float = 0.0    # script mode: the story's length (clips placed by start); 0 = joined
+    mode: str = "story"        # story | script | continuation (RequestParams.mode)
+
+    @classmethod
+    def of_planned(cls, clip, params: RequestParams, request_id: str, arrival: float, cancel_key: str) -> "ClipMeta":
+        """The record of a clip the planner released (``planner.PlannedClip``), in every mode:
+        in script mode the rendered length and the fades are the script clip's, and the story is
+        placed on its timeline; otherwise every clip but the last renders the crossfade tail."""
+        sc = clip.script
+        return cls(request_id, clip.index, clip.caption, clip.start_s, clip.duration,
+                   sc.render_s if sc else post.render_seconds(clip.duration, fades_out=not clip.is_last),
+                   clip.is_last, params.guidance, params.seed, params.num_steps, arrival, cancel_key,
+                   fade_in=bool(sc and sc.fade_in), fade_out=bool(sc and sc.fade_out),
+                   timeline_s=params.total_duration if sc else 0.0, mode=params.mode)
+
+    def plan_entry(self) -> dict:
+        """The clip's public plan entry (the ``PLAN`` output)."""
+        return {"index": self.index, "caption": self.caption, "start": self.start_s,
+                "duration": self.duration_s, "render": self.render_s, "fade_in": self.fade_in,
+                "fade_out": self.fade_out, "is_last": self.is_last, "timeline": self.timeline_s,
+                "mode": self.mode}
+
+    def encode(self) -> np.ndarray:
+        return np.array([json.dumps(asdict(self)).encode()], dtype=np.object_)
+
+    @classmethod
+    def decode(cls, arr: np.ndarray) -> "ClipMeta":
+        raw = np.asarray(arr).reshape(-1)[0]
+        return cls(**json.loads(raw.decode() if isinstance(raw, (bytes, np.bytes_)) else raw))
