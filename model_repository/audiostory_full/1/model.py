@@ -10,8 +10,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from audiostory_ensemble import interface as I
 from audiostory_ensemble import control
+from audiostory_ensemble import interface as I
 from audiostory_ensemble.serving.request import Limits, RequestError, parse_request
 from audiostory_ensemble.stitch import StoryAssembler
 

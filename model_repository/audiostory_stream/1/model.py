@@ -23,10 +23,10 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import control, names
-from audiostory_ensemble.serving.loop import ensure_heartbeat
-from audiostory_ensemble.serving.request import Limits, RequestError, parse_request
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.metrics import StageMetrics
+from audiostory_ensemble.serving.loop import ensure_heartbeat
+from audiostory_ensemble.serving.request import Limits, RequestError, parse_request
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PLAN_OUTPUTS = [names.SEM, names.RES, names.META]

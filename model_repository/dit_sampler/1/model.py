@@ -26,15 +26,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import control, names, post
-from audiostory_ensemble.serving.loop import ensure_heartbeat
-from audiostory_ensemble.serving.placement import instance_gpu
-from audiostory_ensemble.serving.records import ClipMeta
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
 from audiostory_ensemble.metrics import TTFC_BUCKETS, TTFC_DESCRIPTION, BatchMetrics, StageMetrics
 from audiostory_ensemble.sampler import flow_sigmas, initial_noise
 from audiostory_ensemble.scheduler import OnnxStepEngine, StepScheduler, TritonStepEngine
 from audiostory_ensemble.serving.gates import CancelRegistry, PerKeyLimiter, PriorityGate
+from audiostory_ensemble.serving.loop import ensure_heartbeat
+from audiostory_ensemble.serving.placement import instance_gpu
+from audiostory_ensemble.serving.records import ClipMeta
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

@@ -24,14 +24,14 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from audiostory_ensemble import control, names  # noqa: E402
+from audiostory_ensemble.metrics import StageMetrics  # noqa: E402
+from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest, load_audio_encoder  # noqa: E402
 from audiostory_ensemble.serving.gates import CancelRegistry  # noqa: E402
 from audiostory_ensemble.serving.loop import LoopThread  # noqa: E402
 from audiostory_ensemble.serving.placement import visible_gpus  # noqa: E402
 from audiostory_ensemble.serving.processes import guard_children, release_guard  # noqa: E402
 from audiostory_ensemble.serving.records import ClipMeta  # noqa: E402
 from audiostory_ensemble.serving.request import Limits, RequestError, parse_request  # noqa: E402
-from audiostory_ensemble.metrics import StageMetrics  # noqa: E402
-from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest, load_audio_encoder  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
