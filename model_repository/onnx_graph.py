@@ -1,19 +1,18 @@
 """dit_step and vae_decoder (CPU form): one ONNX graph on onnxruntime, the rows of all batched
 requests in one session call. On GPU hosts the tensorrt_plan platform serves the same graph."""
-import json
 
 import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble.metrics import StageMetrics
+from audiostory_ensemble.serving.adapter import Parameters
 from audiostory_ensemble.serving.onnx_runner import OnnxBatchRunner
 from audiostory_ensemble.serving.placement import instance_gpu
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = json.loads(args["model_config"]).get("parameters", {})
-        self.runner = OnnxBatchRunner(params["onnx_path"]["string_value"],
-                                      int(params.get("threads", {}).get("string_value", "0")),
+        params = Parameters(args)
+        self.runner = OnnxBatchRunner(params.require("onnx_path"), params.int("threads", 0),
                                       instance_gpu(args))   # the GPU Triton placed this instance on
         self.name = args["model_name"]
         self.metrics = StageMetrics(pb_utils, self.name)

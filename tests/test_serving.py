@@ -330,3 +330,50 @@ def test_a_planned_clip_record_has_the_render_length_and_fades_of_its_mode():
     assert [m.render_s for m in metas] == [7.0, 4.0, 1.0]
     assert [(m.fade_in, m.fade_out) for m in metas] == [(False, True), (True, False), (False, False)]
     assert all(m.timeline_s == 11.0 and m.mode == "script" for m in metas)
+
+
+class _FakeTriton:
+    """Just what serving.adapter uses of triton_python_backend_utils."""
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+    class TritonError:
+        INTERNAL, INVALID_ARG, UNAVAILABLE = "INTERNAL", "INVALID_ARG", "UNAVAILABLE"
+
+        def __init__(self, message, code="INTERNAL"):
+            self.message, self.code = message, code
+
+    class InferenceResponse:
+        def __init__(self, tensors=None, error=None):
+            self.tensors, self.error = tensors, error
+
+
+def test_model_parameters_are_read_one_way():
+    import json
+
+    from audiostory_ensemble.serving.adapter import Parameters
+
+    config = {"parameters": {"threads": {"string_value": "3"}, "limits": {"string_value": '{"max_steps": 9}'},
+                             "gpus": {"string_value": "[1, 2]"}, "poll_s": {"string_value": "0.5"}}}
+    p = Parameters({"model_config": json.dumps(config), "model_name": "bridge"})
+    assert (p.int("threads", 1), p.int("absent", 7), p.float("poll_s", 1.0), p.json("gpus", [])) == (3, 7, 0.5, [1, 2])
+    assert p.get("absent") is None and p.get("absent", "x") == "x" and p.json("absent", {}) == {}
+    assert p.limits().max_steps == 9 and p.limits().min_steps == 1
+    with pytest.raises(KeyError, match="bridge: the config has no parameter 'checkpoint'"):
+        p.require("checkpoint")
+
+
+def test_error_responses_carry_the_code_a_client_can_act_on():
+    from audiostory_ensemble.serving.adapter import error_response, send_error
+
+    pb = _FakeTriton
+    bad = error_response(pb, RequestError("SEED must be an integer"))
+    assert (bad.error.message, bad.error.code) == ("SEED must be an integer", "INVALID_ARG")
+    assert error_response(pb, RuntimeError("engine died")).error.code == "INTERNAL"
+    assert error_response(pb, "busy", pb.TritonError.UNAVAILABLE).error.code == "UNAVAILABLE"
+    sent = []
+
+    class Sender:
+        def send(self, response, flags=0):
+            sent.append((response, flags))
+    send_error(pb, Sender(), RequestError("x"))
+    assert sent[0][0].error.code == "INVALID_ARG" and sent[0][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL

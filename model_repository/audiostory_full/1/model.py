@@ -5,22 +5,22 @@ both), orders the clips by index, crossfades them with the reference's rule, and
 with its captions and timings. Not decoupled (HTTP cannot carry streams); concurrency comes from the
 instance count. If the client goes away (checked between clips), the story is cancelled by its key.
 """
-import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import control
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.serving.request import Limits, RequestError, parse_request
+from audiostory_ensemble.serving.adapter import Parameters, error_response
+from audiostory_ensemble.serving.request import RequestError, parse_request
 from audiostory_ensemble.stitch import StoryAssembler
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = json.loads(args["model_config"]).get("parameters", {})
-        self.stream_model = params.get("stream_model", {}).get("string_value", I.STREAM_MODEL)
-        self.limits = Limits(**json.loads(params.get("limits", {}).get("string_value", "{}")))
+        params = Parameters(args)
+        self.stream_model = params.get("stream_model", I.STREAM_MODEL)
+        self.limits = params.limits()
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
@@ -30,7 +30,7 @@ class TritonPythonModel:
         try:
             parse_request(lambda n: None if inputs[n] is None else inputs[n].as_numpy(), self.limits)
         except RequestError as e:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+            return error_response(pb_utils, e)
         story = StoryAssembler()
         key = control.new_key()
         key_t = pb_utils.Tensor(control.STORY_KEY_INPUT, np.array([key.encode()], dtype=np.object_))
@@ -40,14 +40,12 @@ class TritonPythonModel:
         for response in bls.exec(decoupled=True):
             if request.is_cancelled():
                 control.cancel_story_sync(pb_utils, key)
-                return pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    "cancelled by the client", pb_utils.TritonError.CANCELLED))
+                return error_response(pb_utils, "cancelled by the client", pb_utils.TritonError.CANCELLED)
             if response.has_error():
                 message = response.error().message()
                 # BLS hands errors back as INTERNAL (2.51): restore the front door's UNAVAILABLE.
                 if message.startswith(control.BUSY):
-                    return pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                        message, pb_utils.TritonError.UNAVAILABLE))
+                    return error_response(pb_utils, message, pb_utils.TritonError.UNAVAILABLE)
                 return pb_utils.InferenceResponse(error=response.error())
             audio = pb_utils.get_output_tensor_by_name(response, I.CLIP_AUDIO.name)
             if audio is None:  # the stream's final-flag response
@@ -59,7 +57,7 @@ class TritonPythonModel:
         try:
             result = story.finish()
         except ValueError as e:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"incomplete story: {e}"))
+            return error_response(pb_utils, f"incomplete story: {e}")
         return pb_utils.InferenceResponse([
             pb_utils.Tensor(I.AUDIO.name, result.audio),
             pb_utils.Tensor(I.CAPTIONS.name, np.array([c.encode() for c in result.captions], dtype=np.object_)),

@@ -18,7 +18,6 @@ control and cancellation.
 """
 import asyncio
 import concurrent.futures
-import json
 
 import triton_python_backend_utils as pb_utils
 
@@ -26,7 +25,8 @@ from audiostory_ensemble import control, names
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.metrics import StageMetrics
 from audiostory_ensemble.serving.loop import ensure_heartbeat
-from audiostory_ensemble.serving.request import Limits, RequestError, parse_request
+from audiostory_ensemble.serving.adapter import Parameters, send_error
+from audiostory_ensemble.serving.request import RequestError, parse_request
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PLAN_OUTPUTS = [names.SEM, names.RES, names.META]
@@ -39,10 +39,10 @@ class StageError(RuntimeError):
 class TritonPythonModel:
     def initialize(self, args):
         self.logger = pb_utils.Logger
-        params = json.loads(args["model_config"]).get("parameters", {})
-        param = lambda key, default: params.get(key, {}).get("string_value", default)  # noqa: E731
-        self.llm, self.bridge, self.sampler = param("llm", names.LLM), param("bridge", names.BRIDGE), param("sampler", names.SAMPLER)
-        self.limits = Limits(**json.loads(param("limits", "{}")))
+        params = Parameters(args)
+        self.llm, self.bridge, self.sampler = (params.get("llm", names.LLM), params.get("bridge", names.BRIDGE),
+                                               params.get("sampler", names.SAMPLER))
+        self.limits = params.limits()
         self.poll_s = 0.05
         self.active = 0
         # Blocking BLS stream iterators run on these threads: one per story (its plan) and one per
@@ -60,8 +60,7 @@ class TritonPythonModel:
         return None
 
     def _error(self, sender, message, code=None):
-        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-        sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+        send_error(pb_utils, sender, message, code)
 
     async def _one(self, request):
         sender = request.get_response_sender()

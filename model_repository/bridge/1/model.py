@@ -1,5 +1,4 @@
 """bridge: bridging queries (LLM hidden states) -> fused conditioning tokens, in torch."""
-import json
 
 import numpy as np
 import torch
@@ -7,13 +6,14 @@ import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import names
 from audiostory_ensemble.checkpoint import load_converted
+from audiostory_ensemble.serving.adapter import Parameters
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = json.loads(args["model_config"]).get("parameters", {})
-        torch.set_num_threads(int(params.get("threads", {}).get("string_value", "1")))
-        self.bridge = load_converted(params["checkpoint"]["string_value"]).bridge()
+        params = Parameters(args)
+        torch.set_num_threads(params.int("threads", 1))
+        self.bridge = load_converted(params.require("checkpoint")).bridge()
 
     @torch.no_grad()
     def execute(self, requests):

@@ -31,6 +31,7 @@ from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
 from audiostory_ensemble.metrics import TTFC_BUCKETS, TTFC_DESCRIPTION, BatchMetrics, StageMetrics
 from audiostory_ensemble.sampler import flow_sigmas, initial_noise
 from audiostory_ensemble.scheduler import OnnxStepEngine, StepScheduler, TritonStepEngine
+from audiostory_ensemble.serving.adapter import Parameters, send_error
 from audiostory_ensemble.serving.gates import CancelRegistry, PerKeyLimiter, PriorityGate
 from audiostory_ensemble.serving.loop import ensure_heartbeat
 from audiostory_ensemble.serving.placement import instance_gpu
@@ -42,15 +43,14 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class TritonPythonModel:
     def initialize(self, args):
         self.logger = pb_utils.Logger
-        params = json.loads(args["model_config"]).get("parameters", {})
-        param = lambda key, default: params.get(key, {}).get("string_value", default)  # noqa: E731
-        self.vae_model = param("vae_model", names.VAE)
-        self.bls_timeout_s = float(param("bls_timeout_s", "30"))
-        self.bls_attempts = int(param("bls_attempts", "4"))
-        self.poll_s = float(param("poll_s", "0.25"))
-        capacity = int(param("max_clips_in_flight", "32"))
-        n = int(param("num_tokens", "0"))
-        self.limiter = PerKeyLimiter(int(param("clips_in_flight_per_request", "1")))
+        params = Parameters(args)
+        self.vae_model = params.get("vae_model", names.VAE)
+        self.bls_timeout_s = params.float("bls_timeout_s", 30.0)
+        self.bls_attempts = params.int("bls_attempts", 4)
+        self.poll_s = params.float("poll_s", 0.25)
+        capacity = params.int("max_clips_in_flight", 32)
+        n = params.int("num_tokens", 0)
+        self.limiter = PerKeyLimiter(params.int("clips_in_flight_per_request", 1))
         self.gate = PriorityGate(capacity)
         self.cancelled = CancelRegistry()
         self.noise_cache = {0: initial_noise(0).numpy()[0]}
@@ -63,21 +63,21 @@ class TritonPythonModel:
                               "audiostory_steps_saved_total": "DiT steps not run because of a cancel",
                               "audiostory_bls_retries_total": "BLS requests re-sent after no answer"},
                              {"audiostory_time_to_first_clip_seconds": (TTFC_DESCRIPTION, TTFC_BUCKETS)})
-        kind = param("dit_engine", "onnx")
+        kind = params.get("dit_engine", "onnx")
         on_batch = None
         if kind == "onnx":
-            engine = OnnxStepEngine(param("onnx_path", ""), capacity, n, int(param("threads", "0")),
+            engine = OnnxStepEngine(params.require("onnx_path"), capacity, n, params.int("threads", 0),
                                     instance_gpu(args))
             # The step runs here, not in dit_step: its batch metrics are reported here, under its name.
             self.batch_metrics = BatchMetrics(StageMetrics(pb_utils, "dit_step"), "dit_step")
             on_batch = self.batch_metrics.add
         elif kind == "triton":
-            engine = TritonStepEngine(pb_utils, param("step_model", names.DIT_STEP), capacity, n,
-                                      int(param("step_max_batch", "16")), self.bls_timeout_s)
+            engine = TritonStepEngine(pb_utils, params.get("step_model", names.DIT_STEP), capacity, n,
+                                      params.int("step_max_batch", 16), self.bls_timeout_s)
             self.batch_metrics = None
         else:
             raise ValueError(f"dit_sampler: dit_engine must be onnx or triton, got {kind!r}")
-        self.scheduler = StepScheduler(engine, on_batch, min_batch=int(param("min_batch", "1")))
+        self.scheduler = StepScheduler(engine, on_batch, min_batch=params.int("min_batch", 1))
 
     async def execute(self, requests):
         ensure_heartbeat()
@@ -115,8 +115,7 @@ class TritonPythonModel:
         try:
             meta = ClipMeta.decode(meta_t.as_numpy())
         except (ValueError, TypeError, KeyError) as e:
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"dit_sampler: bad _META: {e}")),
-                        flags=FINAL)
+            send_error(pb_utils, sender, f"dit_sampler: bad _META: {e}")
             return
         try:
             async with self.limiter.slot(meta.request_id), self.gate.slot((meta.arrival, meta.index)):
@@ -125,7 +124,7 @@ class TritonPythonModel:
                 await self._decode_and_send(sender, x, meta)
         except Exception as e:  # noqa: BLE001
             self.logger.log_error(f"dit_sampler: {type(e).__name__}: {e}")
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+            send_error(pb_utils, sender, e)
         finally:
             self._report_tracked()
 

@@ -12,7 +12,6 @@ coroutine is cancelled and the planner aborts its vLLM requests.
 """
 import asyncio
 import contextlib
-import json
 import locale
 import os
 import time
@@ -26,32 +25,29 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from audiostory_ensemble import control, names  # noqa: E402
 from audiostory_ensemble.metrics import StageMetrics  # noqa: E402
 from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest, load_audio_encoder  # noqa: E402
+from audiostory_ensemble.serving.adapter import Parameters, send_error  # noqa: E402
 from audiostory_ensemble.serving.gates import CancelRegistry  # noqa: E402
 from audiostory_ensemble.serving.loop import LoopThread  # noqa: E402
 from audiostory_ensemble.serving.placement import visible_gpus  # noqa: E402
 from audiostory_ensemble.serving.processes import guard_children, release_guard  # noqa: E402
 from audiostory_ensemble.serving.records import ClipMeta  # noqa: E402
-from audiostory_ensemble.serving.request import Limits, RequestError, parse_request  # noqa: E402
+from audiostory_ensemble.serving.request import RequestError, parse_request  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-def _param(args, key, default=None):
-    params = json.loads(args["model_config"]).get("parameters", {})
-    return params.get(key, {}).get("string_value", default)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.logger = pb_utils.Logger
         # Before any CUDA use: vLLM sees the configured GPU set (or this instance's GPU), not GPU 0.
-        gpus = visible_gpus(args, json.loads(_param(args, "gpus", "[]")))
+        params = Parameters(args)
+        gpus = visible_gpus(args, params.json("gpus", []))
         if gpus is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus
-        options = EngineOptions.from_dict(json.loads(_param(args, "engine_options", "{}")))
-        self.limits = Limits(**json.loads(_param(args, "limits", "{}")))
+        options = EngineOptions.from_dict(params.json("engine_options", {}))
+        self.limits = params.limits()
         self.loop = LoopThread("llm-loop")
-        self.planner = Planner.from_model(_param(args, "checkpoint"), options)
+        self.planner = Planner.from_model(params.require("checkpoint"), options)
         # Only where continuation can run (a checkpoint with the audio path, embedded engines).
         self.audio_encoder = None if self.planner.continuation_refused else load_audio_encoder(self.planner.converted)
         # vLLM's engine metrics (both engines, label engine=generate|pooling) on Triton's /metrics;
@@ -86,8 +82,7 @@ class TritonPythonModel:
                 params = parse_request(
                     lambda name: _input(request, name), self.limits)
             except RequestError as e:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    str(e), pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
+                send_error(pb_utils, sender, e)
                 continue
             self.loop.submit(self._serve(request.request_id() or "", params, sender, time.time()))
         return None
@@ -152,9 +147,7 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001 - every failure becomes an error response
             self.logger.log_error(f"llm: request {key}: {type(e).__name__}: {e}")
             if not sent_final:
-                code = pb_utils.TritonError.INVALID_ARG if isinstance(e, RequestError) else None
-                error = pb_utils.TritonError(str(e)) if code is None else pb_utils.TritonError(str(e), code)
-                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+                send_error(pb_utils, sender, e)
                 sent_final = True
         if not sent_final:
             sender.send(flags=FINAL)
