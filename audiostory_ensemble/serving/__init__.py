@@ -8,4 +8,6 @@ it is importable and testable anywhere (the ``model.py`` files pass numpy arrays
 - ``gates``: asyncio admission (``PriorityGate``, ``PerKeyLimiter``) and the cancel registry;
 - ``loop``: an event loop on its own thread, and the heartbeat that keeps a stub's loop awake;
 - ``processes``: the process tree and its shared memory, the orphan guard; ``watchdog`` is the
-  guard's own program (``python -m audiostory_ensemble.serving.watchdog``)."""
+  guard's own program (``python -m audiostory_ensemble.serving.watchdog``);
+- ``adapter``: what every ``model.py`` does with the python backend (``pb_utils`` passed in): its
+  config parameters, error responses."""
