@@ -22,6 +22,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .serving.gates import TasksByKey
+
 
 class RemoteEngineError(RuntimeError):
     """A remote vLLM server failed or could not be reached (the message names it)."""
@@ -35,7 +37,7 @@ class _RemoteServer:
         self.retries = int(retries)
         self.what = what
         self._session = None
-        self._tasks: dict[str, set[asyncio.Task]] = {}
+        self._tasks = TasksByKey()      # engine request id -> its HTTP calls in flight
 
     async def _post(self, path: str, body: dict) -> dict:
         import aiohttp
@@ -67,20 +69,12 @@ class _RemoteServer:
         return [int(t) for t in prompt["prompt_token_ids"]]
 
     async def _tracked(self, request_id: str, coro):
-        task = asyncio.ensure_future(coro)
-        self._tasks.setdefault(request_id, set()).add(task)
-        try:
+        with self._tasks.track(request_id, asyncio.ensure_future(coro)) as task:
             return await task
-        finally:
-            tasks = self._tasks.get(request_id, set())
-            tasks.discard(task)
-            if not tasks:
-                self._tasks.pop(request_id, None)
 
     async def abort(self, request_ids) -> None:
         for rid in request_ids:
-            for task in list(self._tasks.get(rid, ())):
-                task.cancel()     # closes the HTTP request: the server aborts it
+            self._tasks.cancel(rid)     # closes the HTTP request: the server aborts it
 
     def shutdown(self) -> None:
         session, self._session = self._session, None

@@ -377,3 +377,31 @@ def test_error_responses_carry_the_code_a_client_can_act_on():
             sent.append((response, flags))
     send_error(pb, Sender(), RequestError("x"))
     assert sent[0][0].error.code == "INVALID_ARG" and sent[0][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def test_tasks_by_key_track_and_cancel_what_is_in_flight():
+    import asyncio
+
+    from audiostory_ensemble.serving.gates import TasksByKey
+
+    async def main():
+        reg = TasksByKey()
+        started = asyncio.Event()
+
+        async def work(key):
+            with reg.track(key):
+                started.set()
+                await asyncio.sleep(30)
+
+        a1, a2, b = (asyncio.ensure_future(work(k)) for k in ("a", "a", "b"))
+        await started.wait()
+        await asyncio.sleep(0)
+        assert len(reg) == 2
+        assert reg.cancel("a") == 2 and reg.cancel("nobody") == 0
+        await asyncio.gather(a1, a2, return_exceptions=True)
+        assert a1.cancelled() and a2.cancelled() and not b.done() and len(reg) == 1
+        reg.cancel("b", asyncio.get_running_loop())      # the thread-safe path
+        await asyncio.gather(b, return_exceptions=True)
+        assert b.cancelled() and len(reg) == 0
+
+    asyncio.run(main())

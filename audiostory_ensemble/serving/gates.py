@@ -118,3 +118,38 @@ class PerKeyLimiter:
 
     def __len__(self) -> int:
         return len(self._sems)
+
+
+class TasksByKey:
+    """The asyncio tasks working for each key (a story key, an engine request id): a task is
+    registered for as long as it runs (:meth:`track`), and :meth:`cancel` cancels a key's tasks.
+    Keys are removed with their last task, so the size is what is in flight."""
+
+    def __init__(self):
+        self._tasks: dict[str, set[asyncio.Future]] = {}
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    @contextlib.contextmanager
+    def track(self, key: str, task: asyncio.Future | None = None):
+        task = task if task is not None else asyncio.current_task()
+        self._tasks.setdefault(key, set()).add(task)
+        try:
+            yield task
+        finally:
+            tasks = self._tasks.get(key)
+            if tasks is not None:
+                tasks.discard(task)
+                if not tasks:
+                    del self._tasks[key]
+
+    def cancel(self, key: str, loop: asyncio.AbstractEventLoop | None = None) -> int:
+        """Cancels the key's tasks (through ``loop`` when called from another thread); returns how many."""
+        tasks = list(self._tasks.get(key, ()))
+        for task in tasks:
+            if loop is None:
+                task.cancel()
+            else:
+                loop.call_soon_threadsafe(task.cancel)
+        return len(tasks)

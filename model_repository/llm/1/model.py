@@ -26,7 +26,7 @@ from audiostory_ensemble import control, names  # noqa: E402
 from audiostory_ensemble.metrics import StageMetrics  # noqa: E402
 from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest, load_audio_encoder  # noqa: E402
 from audiostory_ensemble.serving.adapter import Parameters, send_error  # noqa: E402
-from audiostory_ensemble.serving.gates import CancelRegistry  # noqa: E402
+from audiostory_ensemble.serving.gates import CancelRegistry, TasksByKey  # noqa: E402
 from audiostory_ensemble.serving.loop import LoopThread  # noqa: E402
 from audiostory_ensemble.serving.placement import visible_gpus  # noqa: E402
 from audiostory_ensemble.serving.processes import guard_children, release_guard  # noqa: E402
@@ -64,7 +64,7 @@ class TritonPythonModel:
                               "audiostory_plans_cancelled_total": "Plans stopped by a cancel",
                               "audiostory_planner_tokens_total": "Tokens in the plans (generated and forced)",
                               "audiostory_plans_total": "Plans written"})
-        self.plans_by_key: dict[str, set] = {}     # story key -> futures of its plan coroutines
+        self.plans_by_key = TasksByKey()            # story key -> its plan coroutines
         self.cancelled = CancelRegistry()   # a cancel may overtake its story's request
         where = (f"remote: generate {options.generate_url}, pooling {options.pooling_url}" if options.remote
                  else f"in-process on {self.planner.converted.llm_dir}, CUDA_VISIBLE_DEVICES={gpus}")
@@ -91,11 +91,9 @@ class TritonPythonModel:
         if not key:
             return
         self.cancelled.cancel(key)   # a plan that has not started yet sees this and ends at once
-        tasks = list(self.plans_by_key.get(key, ()))
-        for task in tasks:
-            self.loop.loop.call_soon_threadsafe(task.cancel)
+        plans = self.plans_by_key.cancel(key, self.loop.loop)
         self.metrics.counter("audiostory_cancel_requests_total", "Control requests that cancelled a story")
-        self.logger.log_info(f"llm: cancel {key}: {len(tasks)} plan(s) in flight")
+        self.logger.log_info(f"llm: cancel {key}: {plans} plan(s) in flight")
         self._report_tracked()
 
     def _report_tracked(self):
@@ -106,15 +104,10 @@ class TritonPythonModel:
         if key in self.cancelled:
             sender.send(flags=FINAL)
             return
-        task = asyncio.current_task()
-        self.plans_by_key.setdefault(key, set()).add(task)
         try:
-            await self._plan(key, params, sender, arrival)
+            with self.plans_by_key.track(key):
+                await self._plan(key, params, sender, arrival)
         finally:
-            tasks = self.plans_by_key.get(key, set())
-            tasks.discard(task)
-            if not tasks:
-                self.plans_by_key.pop(key, None)
             self._report_tracked()
 
     async def _plan(self, key, params, sender, arrival):
