@@ -470,17 +470,6 @@ class Planner:
                            np.ascontiguousarray(sem), np.ascontiguousarray(res), generated)
 
 
-def load_audio_encoder(converted: Converted):
-    """The checkpoint's Whisper encoder + resampler, or None when it has none (text only)."""
-    from . import layout
-    from .audio_input import AudioEncoder
-
-    if converted.config.audio_tokens <= 0:
-        return None
-    return AudioEncoder(converted.root / layout.AUDIO_ENCODER_DIR, converted.root / layout.AUDIO_RESAMPLER_WEIGHTS,
-                        converted.config.audio_tokens)
-
-
 def story_duration(llm_duration: float) -> float:
     """A clip's length in the story: as the LLM wrote it, capped at the DiT's window.
 

@@ -178,10 +178,9 @@ def test_forced_script_hidden_states_equal_a_transformers_forward(planner, refer
 
 
 def test_continuation_prompt_embeds_equal_a_transformers_inputs_embeds_forward(planner, reference, converted):
-    from audiostory_ensemble.planner import load_audio_encoder
 
     p, _ = planner
-    encoder = load_audio_encoder(converted)
+    encoder = converted.audio_encoder()
     t = np.arange(int(2.5 * 44100)) / 44100
     audio = np.stack([np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 220 * t)]).astype(np.float32)
     rows = encoder(audio, 44100)
@@ -210,9 +209,8 @@ def test_continuation_prompt_embeds_equal_a_transformers_inputs_embeds_forward(p
 def test_audio_encoder_slices_positions_and_matches_the_full_window(converted):
     import torch
 
-    from audiostory_ensemble.planner import load_audio_encoder
 
-    enc = load_audio_encoder(converted)
+    enc = converted.audio_encoder()
     short = enc.features(np.random.default_rng(0).standard_normal(int(3.2 * 16000)).astype(np.float32))
     assert short.shape[-1] == 320 and enc.encode(short).shape[1] == 160
     odd = enc.features(np.zeros(int(3.21 * 16000), np.float32))

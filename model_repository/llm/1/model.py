@@ -24,7 +24,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from audiostory_ensemble import control, names  # noqa: E402
 from audiostory_ensemble.metrics import StageMetrics  # noqa: E402
-from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest, load_audio_encoder  # noqa: E402
+from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest  # noqa: E402
 from audiostory_ensemble.serving.adapter import Parameters, send_error  # noqa: E402
 from audiostory_ensemble.serving.gates import CancelRegistry, TasksByKey  # noqa: E402
 from audiostory_ensemble.serving.loop import LoopThread  # noqa: E402
@@ -49,7 +49,7 @@ class TritonPythonModel:
         self.loop = LoopThread("llm-loop")
         self.planner = Planner.from_model(params.require("checkpoint"), options)
         # Only where continuation can run (a checkpoint with the audio path, embedded engines).
-        self.audio_encoder = None if self.planner.continuation_refused else load_audio_encoder(self.planner.converted)
+        self.audio_encoder = None if self.planner.continuation_refused else self.planner.converted.audio_encoder()
         # vLLM's engine metrics (both engines, label engine=generate|pooling) on Triton's /metrics;
         # a remote tier's servers export their own.
         self.engine_metrics = None
