@@ -26,7 +26,7 @@ help:
 	@echo "make deploy-check  checks of deploy/: chart renders and validates, Dockerfile lint, compose schema, GPU lock installs"
 	@echo "make gpu-lock    resolve requirements-gpu.txt for the GPU image into requirements-gpu.lock (PYTHON312=...)"
 	@echo "make web         the web playground on 127.0.0.1:7860 for a running server (URL=host:grpc-port)"
-	@echo "make soak        1,000 short stories at concurrency 16: lost/duplicated clips, errors, memory"
+	@echo "make soak        2 x 1,000 short requests, every mode through both front doors: lost/duplicated clips, errors, memory by process"
 	@echo "make perf        perf_analyzer sweep against a running server (URL=host:port)"
 	@echo "make clean       remove build outputs (keeps the venv and the server)"
 

@@ -86,7 +86,9 @@ async def one_story(client, item, model: str = I.ENSEMBLE) -> dict:
 
     inputs = []
     for name, arr in request_arrays(item["instruction"], total_duration=item.get("total_duration"), seed=item["seed"],
-                                    num_steps=item["num_steps"], segments=item.get("segments")).items():
+                                    num_steps=item["num_steps"], segments=item.get("segments"),
+                                    input_audio=item.get("input_audio"),
+                                    input_sample_rate=item.get("input_sample_rate")).items():
         t = next(t for t in I.REQUEST_INPUTS if t.name == name)
         inp = aio.InferInput(name, list(arr.shape), t.dtype)
         inp.set_data_from_numpy(arr)
