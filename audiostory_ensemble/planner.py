@@ -74,6 +74,16 @@ class EngineOptions:
     remote_model: str = "audiostory-llm"
     remote_timeout_s: float = 600.0
     remote_retries: int = 2
+    # Any other vLLM engine argument, as vLLM names it (AsyncEngineArgs), passed through as it is:
+    # to both engines, or to one (the per-engine dict wins).
+    engine_args: dict = field(default_factory=dict)
+    generate_engine_args: dict = field(default_factory=dict)
+    pooling_engine_args: dict = field(default_factory=dict)
+
+    # What the planner itself sets on the engines: the model, its role, and the fields above.
+    PLANNER_SET = ("model", "tokenizer", "runner", "convert", "pooler_config", "enable_prompt_embeds",
+                   "disable_log_stats", "generation_config", "dtype", "max_model_len", "tensor_parallel_size",
+                   "enforce_eager", "seed", "max_num_seqs", "gpu_memory_utilization", "enable_prefix_caching")
 
     @property
     def remote(self) -> bool:
@@ -86,8 +96,41 @@ class EngineOptions:
         d = dict(d or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown engine option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
+            raise ValueError(f"unknown engine option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)} "
+                             "(other vLLM engine arguments go in engine_args, as vLLM names them)")
+        options = cls(**d)
+        options.check_engine_args()
+        return options
+
+    def check_engine_args(self) -> None:
+        """Every passed-through name is one of vLLM's engine arguments and none is one the planner
+        sets itself (those have their own option, or are fixed by the engine's role)."""
+        from dataclasses import fields as dataclass_fields
+
+        passed = {where: getattr(self, where) for where in ("engine_args", "generate_engine_args", "pooling_engine_args")}
+        for where, args in passed.items():
+            if not isinstance(args, dict):
+                raise ValueError(f"engine option {where} must be an object of vLLM engine arguments")
+        if not any(passed.values()):
+            return
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        known = {f.name for f in dataclass_fields(AsyncEngineArgs)}
+        for where, args in passed.items():
+            unknown = sorted(set(args) - known)
+            if unknown:
+                raise ValueError(f"engine option {where}: {unknown} are not vLLM engine arguments "
+                                 f"(vllm.engine.arg_utils.AsyncEngineArgs)")
+            fixed = sorted(set(args) & set(self.PLANNER_SET))
+            if fixed:
+                raise ValueError(f"engine option {where}: {fixed} are set by the planner (use the engine option "
+                                 "of that name where there is one)")
+
+    def check_gpus(self, gpus: list[int] | None) -> None:
+        """``tensor_parallel_size`` must fit the GPUs placed for ``llm`` (``llm_gpus``), when given."""
+        if gpus and self.tensor_parallel_size > len(gpus):
+            raise ValueError(f"engine option tensor_parallel_size is {self.tensor_parallel_size}, but llm_gpus "
+                             f"places the llm on {len(gpus)} GPU(s) {list(gpus)}")
 
 
 @dataclass
@@ -176,6 +219,7 @@ class Planner:
                       pooler_config=PoolerConfig(task="token_embed", tok_pooling_type="ALL", use_activation=False))
         else:
             kw.update(enable_prefix_caching=o.enable_prefix_caching)
+        kw.update(o.engine_args, **(o.pooling_engine_args if pooling else o.generate_engine_args))
         return AsyncEngineArgs(**kw)
 
     async def start(self, engine_metrics=None) -> "Planner":

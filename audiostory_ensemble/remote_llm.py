@@ -126,16 +126,22 @@ class RemotePoolingEngine(_RemoteServer):
 POOLER_CONFIG = '{"task":"token_embed","tok_pooling_type":"ALL","use_activation":false}'
 
 
+# What each tier server runs with besides its model, name, host and port: the embedded engines'
+# settings (greedy plans from vLLM's generation config, seed 0; the pooling runner). The one source:
+# the Helm chart's vLLM Deployments read the same lists from SERVER_ARGS_FILE, which `make
+# deploy-check` and the tests keep equal to these.
+SERVER_ARGS = {
+    "generate": ["--generation-config=vllm", "--seed=0"],
+    "pooling": ["--generation-config=vllm", "--seed=0", "--runner=pooling", "--convert=embed",
+                "--no-enable-prefix-caching", f"--pooler-config={POOLER_CONFIG}"],
+}
+SERVER_ARGS_FILE = "deploy/helm/audiostory/files/vllm-server-args.json"
+
+
 def server_command(python: str, llm_dir, role: str, port: int, model: str = "audiostory-llm",
                    host: str = "127.0.0.1", extra: tuple[str, ...] = ()) -> list[str]:
-    """The ``vllm serve`` command line for one tier server (``role`` = generate | pooling); the
-    Helm chart's vLLM Deployments pass the same arguments."""
-    if role not in ("generate", "pooling"):
+    """The ``vllm serve`` command line for one tier server (``role`` = generate | pooling)."""
+    if role not in SERVER_ARGS:
         raise ValueError(f"role must be generate or pooling, got {role!r}")
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(llm_dir),
-           "--served-model-name", model, "--host", host, "--port", str(port), "--generation-config", "vllm",
-           "--seed", "0", *extra]
-    if role == "pooling":
-        cmd += ["--runner", "pooling", "--convert", "embed", "--no-enable-prefix-caching",
-                "--pooler-config", POOLER_CONFIG]
-    return cmd
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(llm_dir),
+            "--served-model-name", model, "--host", host, "--port", str(port), *SERVER_ARGS[role], *extra]

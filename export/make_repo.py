@@ -28,6 +28,7 @@ from audiostory_ensemble import control
 from audiostory_ensemble import interface as I
 from audiostory_ensemble import layout, names
 from audiostory_ensemble.checkpoint import load_converted
+from audiostory_ensemble.planner import EngineOptions
 from audiostory_ensemble.serving.request import Limits
 
 TEMPLATES = layout.PROJECT_ROOT / "model_repository"
@@ -142,6 +143,10 @@ def dit_engine_fields(settings: dict, onnx_dir: Path) -> dict:
 def fields(profile: str, settings: dict, checkpoint: Path) -> dict:
     cfg = load_converted(checkpoint).config
     limits = Limits(**settings.get("limits", {}))
+    try:   # refused here rather than when the llm model starts: unknown vLLM arguments, too few GPUs
+        EngineOptions.from_dict(settings["engine_options"]).check_gpus(_gpu_list(settings, "llm_gpus"))
+    except ValueError as e:
+        raise SystemExit(f"make_repo: {e}") from None
     gpu = profile == "gpu"
     f = {
         "n": cfg.num_t5_tokens, "m": cfg.num_aud_tokens, "llm_hidden": cfg.llm.hidden_size,

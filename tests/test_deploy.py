@@ -69,6 +69,13 @@ def test_disaggregated_values_add_the_vllm_tier_and_point_the_llm_at_it(rendered
     assert eo["pooling_url"] == "http://as-audiostory-vllm-pooling:8101"
     pooling = _find(docs, "Deployment", "vllm-pooling")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--runner=pooling" in pooling and any("token_embed" in a for a in pooling)
+    # One source for the tier servers' arguments: the chart's file is remote_llm.SERVER_ARGS, and
+    # every one of them reaches its Deployment (--seed=0 included).
+    from audiostory_ensemble.remote_llm import SERVER_ARGS, SERVER_ARGS_FILE
+    assert json.loads((ROOT / SERVER_ARGS_FILE).read_text()) == SERVER_ARGS
+    for role, args in SERVER_ARGS.items():
+        rendered_args = _find(docs, "Deployment", f"vllm-{role}")["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert rendered_args[-len(args):] == args and "--seed=0" in rendered_args
     assert _find(docs, "Service", "vllm-generate")["spec"]["ports"][0]["port"] == 8100
     # vLLM's own /metrics on both servers, with engine=generate|pooling as the embedded engines report it
     monitor = _find(docs, "ServiceMonitor", "-vllm")["spec"]

@@ -280,3 +280,25 @@ def test_a_dead_engine_is_an_error_not_a_hang(planner, sample_instructions):
     with pytest.raises(PlannerError, match="engine"):
         run_plan(planner, PlanRequest(caption, total))
 
+
+
+def test_vllm_engine_arguments_pass_through_as_vllm_names_them(converted):
+    """Any AsyncEngineArgs field reaches the engines (per engine where given); unknown names and
+    the ones the planner sets are refused with the option named; tensor parallelism must fit llm_gpus."""
+    from audiostory_ensemble.planner import EngineOptions
+
+    options = EngineOptions.from_dict({"engine_args": {"max_num_batched_tokens": 4096, "block_size": 32},
+                                       "pooling_engine_args": {"max_num_batched_tokens": 8192}})
+    planner = Planner(converted, options)
+    generate, pooling = planner._engine_args(pooling=False), planner._engine_args(pooling=True)
+    assert (generate.max_num_batched_tokens, pooling.max_num_batched_tokens) == (4096, 8192)
+    assert generate.block_size == pooling.block_size == 32 and pooling.runner == "pooling"
+    with pytest.raises(ValueError, match=r"engine_args: \['max_num_batch_tokens'\] are not vLLM engine arguments"):
+        EngineOptions.from_dict({"engine_args": {"max_num_batch_tokens": 1}})
+    with pytest.raises(ValueError, match=r"generate_engine_args: \['model'\] are set by the planner"):
+        EngineOptions.from_dict({"generate_engine_args": {"model": "/elsewhere"}})
+    with pytest.raises(ValueError, match="unknown engine option"):
+        EngineOptions.from_dict({"max_num_batched_tokens": 1})
+    with pytest.raises(ValueError, match=r"tensor_parallel_size is 2, but llm_gpus places the llm on 1 GPU"):
+        EngineOptions.from_dict({"tensor_parallel_size": 2}).check_gpus([3])
+    EngineOptions.from_dict({"tensor_parallel_size": 2}).check_gpus([2, 3])

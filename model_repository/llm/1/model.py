@@ -45,6 +45,7 @@ class TritonPythonModel:
         if gpus is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus
         options = EngineOptions.from_dict(params.json("engine_options", {}))
+        options.check_gpus(params.json("gpus", []))
         self.limits = params.limits()
         self.loop = LoopThread("llm-loop")
         self.planner = Planner.from_model(params.require("checkpoint"), options)
