@@ -12,7 +12,8 @@ import pytest
 from audiostory_ensemble import post
 from audiostory_ensemble.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
 from audiostory_ensemble.sampler import flow_sigmas, initial_noise
-from audiostory_ensemble.scheduler import Job, OnnxStepEngine, StepScheduler
+from audiostory_ensemble.scheduler import Job, StepScheduler
+from audiostory_ensemble.step_engines import OnnxStepEngine
 from audiostory_ensemble.serving.onnx_runner import ort_session
 from tests.parity import assert_story_parity
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from audiostory_ensemble.sampler import flow_sigmas, initial_noise
-from audiostory_ensemble.scheduler import Job, OnnxStepEngine, StepEngine, StepScheduler
+from audiostory_ensemble.scheduler import Job, StepScheduler
+from audiostory_ensemble.step_engines import OnnxStepEngine, StepEngine
 
 N = 3
 

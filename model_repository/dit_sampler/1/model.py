@@ -30,7 +30,8 @@ from audiostory_ensemble import interface as I
 from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
 from audiostory_ensemble.metrics import TTFC_BUCKETS, TTFC_DESCRIPTION, BatchMetrics, StageMetrics
 from audiostory_ensemble.sampler import flow_sigmas, initial_noise
-from audiostory_ensemble.scheduler import OnnxStepEngine, StepScheduler, TritonStepEngine
+from audiostory_ensemble.scheduler import StepScheduler
+from audiostory_ensemble.step_engines import OnnxStepEngine, TritonStepEngine
 from audiostory_ensemble.serving.adapter import Parameters, send_error
 from audiostory_ensemble.serving.gates import CancelRegistry, PerKeyLimiter, PriorityGate
 from audiostory_ensemble.serving.loop import ensure_heartbeat
