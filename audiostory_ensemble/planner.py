@@ -29,6 +29,7 @@ Against the reference (transformers ``generate`` with the official forcing proce
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import uuid
@@ -42,11 +43,11 @@ from .checkpoint import Converted, load_converted
 from .config import (DEFAULT_DURATION_POLICY, DEFAULT_SEED, DEFAULT_TOTAL_DURATION_S, DURATION_POLICIES,
                      MAX_DURATION_S, MAX_NEW_TOKENS)
 from . import script as script_mod
-from .serving.processes import descendants, shm_mappings, unlink_unmapped_shm
 from .audio_input import audio_block, continuation_instruction
-from .grammar import (ClipSpan, NoClipError, PlanError, TokenIds, build_instruction, build_prompt,
-                      parse_clip_at, parse_plan)
+from .grammar import ClipSpan, PlanError, TokenIds, build_instruction, build_prompt, parse_plan
+from .plan_tokens import PlanTokens
 from .script import ScriptClip
+from .serving.processes import descendants, shm_mappings, unlink_unmapped_shm
 
 MAX_SUMMARIES = 256     # plan summaries kept (the newest); older ones are dropped
 
@@ -360,72 +361,47 @@ class Planner:
             yield clip
 
     async def _plan_stream(self, request: PlanRequest) -> AsyncIterator[PlannedClip]:
+        """The generated plan: engine calls in parts (``PlanTokens`` says what the tokens mean), a
+        pooling pass per complete clip, and each clip released once the next one is complete (or the
+        plan ends), so that ``is_last`` is known."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        tok = self.tok
         prompt = self.prompt_ids(request)
-        gen: list[int] = []
-        budget = int(request.max_new_tokens)
+        tokens = PlanTokens(self.tok, self.tokenizer.decode, int(request.max_new_tokens))
         pending: list[tuple[ClipSpan, asyncio.Task]] = []   # complete clips awaiting "is another next?"
-        next_index = 0
         start_s = 0.0
-        finished = False
-        dropped: list[str] = []
-        part = 0
         rid = request.request_id
         try:
-            while len(gen) < budget and not finished:
+            for part in itertools.count():
+                if not tokens.more:
+                    break
                 params = SamplingParams(
-                    temperature=0.0, max_tokens=budget - len(gen), repetition_penalty=self.repetition_penalty,
-                    stop_token_ids=[tok.t5_open, tok.aud_open, tok.im_end, tok.endoftext],
-                    skip_special_tokens=False, detokenize=False, output_kind=RequestOutputKind.DELTA,
+                    temperature=0.0, max_tokens=tokens.room, repetition_penalty=self.repetition_penalty,
+                    stop_token_ids=tokens.engine_stops, skip_special_tokens=False, detokenize=False,
+                    output_kind=RequestOutputKind.DELTA,
                 )
                 sub_id = f"{rid}-g{part}"
-                part += 1
                 self._engine_ids.setdefault(rid, set()).add(sub_id)
-                last = None
-                async for out in self.generate_engine.generate(self._llm_input(prompt + gen, request), params, sub_id):
-                    new = list(out.outputs[0].token_ids)
-                    gen.extend(new)
-                    last = out
-                if last is None or not gen:
+                new: list[int] = []
+                async for out in self.generate_engine.generate(self._llm_input(prompt + tokens.gen, request), params,
+                                                               sub_id):
+                    new.extend(out.outputs[0].token_ids)
+                if not new:
                     raise PlannerError("the generate engine returned no output")
-                t = gen[-1]
-                if t in tok.stop_ids:
-                    finished = True
-                elif t == tok.t5_open:
-                    gen.extend(tok.forced_t5()[: budget - len(gen)])
-                elif t == tok.aud_open:
-                    gen.extend(tok.forced_aud()[: budget - len(gen)])
-                    if gen[-1] == tok.aud_close:
-                        span = self._span_ending_at(gen, next_index)
-                        if span is not None:
-                            # A complete clip follows the pending one: that one is not the last.
-                            for prev, task in pending:
-                                yield await self._clip(prev, task, prompt, False, start_s, len(gen))
-                                start_s += story_duration(prev.duration)
-                            pending = []
-                            next_index += 1
-                            ids = prompt + gen
-                            pool_id = f"{rid}-p{span.index}"
-                            self._engine_ids.setdefault(rid, set()).add(pool_id)
-                            task = asyncio.ensure_future(self._hidden_states(ids, pool_id, request))
-                            pending.append((span, task))
-                        else:
-                            dropped.append(f"clip {next_index}: malformed (see the generated text)")
-                            raise PlanError(f"malformed plan at clip {next_index}", text=self.tokenizer.decode(gen))
-            # The generation ended (stop token or budget).
-            if not finished:
-                tail = self._incomplete_tail(gen, next_index)
-                if tail:
-                    dropped.append(tail)
-            if not pending and next_index == 0:
-                raise NoClipError("the LLM wrote no complete clip"
-                                  + (f" ({'; '.join(dropped)})" if dropped else ""),
-                                  text=self.tokenizer.decode(gen))
+                span = tokens.take(new)
+                if span is None:
+                    continue
+                # A complete clip follows the pending one: that one is not the last.
+                for prev, task in pending:
+                    yield await self._clip(prev, task, prompt, False, start_s, len(tokens.gen))
+                    start_s += story_duration(prev.duration)
+                pool_id = f"{rid}-p{span.index}"
+                self._engine_ids.setdefault(rid, set()).add(pool_id)
+                pending = [(span, asyncio.ensure_future(self._hidden_states(prompt + tokens.gen, pool_id, request)))]
+            tokens.end()
             for i, (span, task) in enumerate(pending):
-                yield await self._clip(span, task, prompt, i == len(pending) - 1, start_s, len(gen))
+                yield await self._clip(span, task, prompt, i == len(pending) - 1, start_s, len(tokens.gen))
                 start_s += story_duration(span.duration)
             pending = []
         except (PlanError, PlannerError):
@@ -437,10 +413,11 @@ class Planner:
         finally:
             for _, task in pending:
                 task.cancel()
-            if not finished or pending:   # stopped early (cancelled, failed, consumer gone)
+            if not tokens.finished or pending:   # stopped early (cancelled, failed, consumer gone)
                 await self.abort(rid)
             self._engine_ids.pop(rid, None)
-            self._remember(rid, PlanSummary(prompt, gen, self.tokenizer.decode(gen), dropped, finished, next_index))
+            self._remember(rid, PlanSummary(prompt, tokens.gen, self.tokenizer.decode(tokens.gen), tokens.dropped,
+                                            tokens.finished, tokens.clips))
 
     async def _plan_script(self, request: PlanRequest) -> AsyncIterator[PlannedClip]:
         """Script mode: the plan is forced; one pooling pass gives every clip's hidden states."""
@@ -481,25 +458,6 @@ class Planner:
     def tracked(self) -> dict[str, int]:
         """Sizes of the per-request structures (reported as ``audiostory_tracked_entries``)."""
         return {"plan_summaries": len(self.summaries), "engine_requests": len(self._engine_ids)}
-
-    def _span_ending_at(self, gen: list[int], index: int) -> ClipSpan | None:
-        """The clip whose ``</aud>`` was just appended (its ``<|gen|>`` is the last one)."""
-        g = max((i for i, t in enumerate(gen) if t == self.tok.gen_open), default=-1)
-        if g == -1:
-            return None
-        span, _ = parse_clip_at(gen, g, self.tok, self.tokenizer.decode, index)
-        if span is None or span.end_pos != len(gen) - 1:
-            return None
-        return span
-
-    def _incomplete_tail(self, gen: list[int], index: int) -> str:
-        g = max((i for i, t in enumerate(gen) if t == self.tok.gen_open), default=-1)
-        if g == -1:
-            return ""
-        span, why = parse_clip_at(gen, g, self.tok, self.tokenizer.decode, index)
-        if span is not None:
-            return ""
-        return f"{why} (cut by the token limit)"
 
     async def _clip(self, span: ClipSpan, task: asyncio.Task, prompt: list[int], is_last: bool,
                     start_s: float, generated: int) -> PlannedClip:
