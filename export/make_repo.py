@@ -28,7 +28,7 @@ from audiostory_ensemble import control
 from audiostory_ensemble import interface as I
 from audiostory_ensemble import layout, names
 from audiostory_ensemble.checkpoint import load_converted
-from audiostory_ensemble.planner import EngineOptions
+from audiostory_ensemble.engine_options import EngineOptions
 from audiostory_ensemble.serving.request import Limits
 
 TEMPLATES = layout.PROJECT_ROOT / "model_repository"

@@ -285,7 +285,7 @@ def test_a_dead_engine_is_an_error_not_a_hang(planner, sample_instructions):
 def test_vllm_engine_arguments_pass_through_as_vllm_names_them(converted):
     """Any AsyncEngineArgs field reaches the engines (per engine where given); unknown names and
     the ones the planner sets are refused with the option named; tensor parallelism must fit llm_gpus."""
-    from audiostory_ensemble.planner import EngineOptions
+    from audiostory_ensemble.engine_options import EngineOptions
 
     options = EngineOptions.from_dict({"engine_args": {"max_num_batched_tokens": 4096, "block_size": 32},
                                        "pooling_engine_args": {"max_num_batched_tokens": 8192}})

@@ -23,8 +23,9 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from audiostory_ensemble import control, names  # noqa: E402
+from audiostory_ensemble.engine_options import EngineOptions  # noqa: E402
 from audiostory_ensemble.metrics import StageMetrics  # noqa: E402
-from audiostory_ensemble.planner import EngineOptions, Planner, PlanRequest  # noqa: E402
+from audiostory_ensemble.planner import Planner, PlanRequest  # noqa: E402
 from audiostory_ensemble.serving.adapter import Parameters, send_error  # noqa: E402
 from audiostory_ensemble.serving.gates import CancelRegistry, TasksByKey  # noqa: E402
 from audiostory_ensemble.serving.loop import LoopThread  # noqa: E402
