@@ -405,3 +405,41 @@ def test_tasks_by_key_track_and_cancel_what_is_in_flight():
         assert b.cancelled() and len(reg) == 0
 
     asyncio.run(main())
+
+
+def test_the_story_loop_starts_a_clip_per_plan_entry_and_ends_when_every_stream_has():
+    from audiostory_ensemble.serving import story
+
+    loop = story.StoryLoop("llm", "dit_sampler", timeout_s=30.0, started_at=100.0)
+    assert loop.response(story.PLAN, story.ENTRY) == story.Action("start_clip", tag="clip0")
+    assert loop.response(story.PLAN, story.ENTRY).tag == "clip1"
+    assert loop.response(story.PLAN, story.EMPTY) == story.WAIT          # the plan stream's final flag
+    assert loop.response("clip0", story.CLIP).kind == "send"
+    assert loop.response("clip0", story.EMPTY) == story.WAIT
+    assert loop.stream_ended() == story.WAIT                              # the plan's
+    assert loop.stream_ended() == story.WAIT                              # clip0's
+    assert loop.idle(now=110.0, cancelled=False) == story.WAIT
+    assert loop.response("clip1", story.CLIP).kind == "send"
+    assert loop.stream_ended() == story.Action("stop", reason="done")     # clip1's: nothing open
+    assert loop.clips == 2
+
+
+def test_the_story_loop_stops_for_a_cancel_a_timeout_or_a_stage_error_with_the_stage_named():
+    from audiostory_ensemble.serving import story
+
+    def fresh():
+        loop = story.StoryLoop("llm", "dit_sampler", timeout_s=30.0, started_at=100.0)
+        loop.response(story.PLAN, story.ENTRY)
+        return loop
+
+    assert fresh().idle(now=101.0, cancelled=True).reason == "cancelled"
+    assert fresh().response("clip0", story.CLIP, cancelled=True).reason == "cancelled"   # never sent
+    timeout = fresh().idle(now=130.5, cancelled=False)
+    assert (timeout.reason, timeout.message) == ("timeout", "story not finished within story_timeout_s = 30 s; "
+                                                            "cancelled")
+    planner = fresh().response(story.PLAN, story.ERROR, error="malformed plan at clip 0")
+    assert (planner.reason, planner.message) == ("error", "llm: malformed plan at clip 0")
+    sampler = fresh().response("clip0", story.ERROR, error="bridge: shape mismatch")
+    assert sampler.message == "dit_sampler: bridge: shape mismatch"
+    named = fresh().response("clip0", story.ERROR, error="dit_sampler: bad _META")
+    assert named.message == "dit_sampler: bad _META"                      # not named twice

@@ -24,6 +24,7 @@ import triton_python_backend_utils as pb_utils
 from audiostory_ensemble import control, names
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.metrics import StageMetrics
+from audiostory_ensemble.serving import story
 from audiostory_ensemble.serving.loop import ensure_heartbeat
 from audiostory_ensemble.serving.adapter import Parameters, send_error
 from audiostory_ensemble.serving.request import RequestError, parse_request
@@ -120,50 +121,32 @@ class TritonPythonModel:
         events: asyncio.Queue = asyncio.Queue()
         plan = pb_utils.InferenceRequest(model_name=self.llm, inputs=inputs, request_id=key,
                                          requested_output_names=PLAN_OUTPUTS)
-        work = [self._stream_in_thread(loop, events, plan, "plan")]
-        open_streams = 1                 # the plan's stream and one per clip
-        clips = 0
-        stop_reason = None               # None: finished; "cancelled" / "error"
-        deadline = loop.time() + self.limits.story_timeout_s
-        while open_streams:
+        work = [self._stream_in_thread(loop, events, plan, story.PLAN)]
+        state = story.StoryLoop(self.llm, self.sampler, self.limits.story_timeout_s, loop.time())
+        action = story.WAIT
+        while action.kind != "stop":
             try:
                 tag, item = await asyncio.wait_for(events.get(), self.poll_s)
             except asyncio.TimeoutError:
-                if sender.is_cancelled():
-                    stop_reason = "cancelled"
-                    break
-                if loop.time() > deadline:
-                    self._error(sender, f"story not finished within story_timeout_s = "
-                                f"{self.limits.story_timeout_s:g} s; cancelled")
-                    self.metrics.counter("audiostory_requests_timed_out_total", "Stories failed by the timeout")
-                    stop_reason = "error"
-                    break
+                action = state.idle(loop.time(), sender.is_cancelled())
                 continue
             if item is None:             # a stream ended
-                open_streams -= 1
+                action = state.stream_ended()
                 continue
-            error = str(item) if isinstance(item, Exception) else (
-                item.error().message() if item.has_error() else None)
-            if error is not None:
-                stage = self.llm if tag == "plan" else self.sampler
-                self._error(sender, error if stage in error else f"{stage}: {error}")
-                stop_reason = "error"
-                break
-            if tag == "plan":
-                if pb_utils.get_output_tensor_by_name(item, names.SEM) is None:
-                    continue             # an empty final response
-                open_streams += 1
-                work.append(loop.create_task(self._clip(loop, events, item, key, f"clip{clips}")))
-                clips += 1
-                continue
-            if pb_utils.get_output_tensor_by_name(item, I.CLIP_AUDIO.name) is None:
-                continue
-            if sender.is_cancelled():
-                stop_reason = "cancelled"
-                break
-            sender.send(pb_utils.InferenceResponse([
-                pb_utils.Tensor(t.name, pb_utils.get_output_tensor_by_name(item, t.name).as_numpy())
-                for t in I.CLIP_OUTPUTS]))
+            kind, error = _kind(item)
+            action = state.response(tag, kind, sender.is_cancelled() if kind == story.CLIP else False, error)
+            if action.kind == "start_clip":
+                work.append(loop.create_task(self._clip(loop, events, item, key, action.tag)))
+            elif action.kind == "send":
+                sender.send(pb_utils.InferenceResponse([
+                    pb_utils.Tensor(t.name, pb_utils.get_output_tensor_by_name(item, t.name).as_numpy())
+                    for t in I.CLIP_OUTPUTS]))
+        stop_reason = None if action.reason == "done" else action.reason
+        if action.message:
+            self._error(sender, action.message)
+        if action.reason == "timeout":
+            self.metrics.counter("audiostory_requests_timed_out_total", "Stories failed by the timeout")
+            stop_reason = "error"
         if stop_reason is not None:
             errors = await control.cancel_story(pb_utils, key, (self.llm, self.sampler))
             if errors:
@@ -180,6 +163,20 @@ class TritonPythonModel:
 
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _kind(item) -> tuple[str, str]:
+    """What a stage's response is, for the story loop: an error (with its message), a plan entry,
+    a clip, or an empty response."""
+    if isinstance(item, Exception):
+        return story.ERROR, str(item)
+    if item.has_error():
+        return story.ERROR, item.error().message()
+    if pb_utils.get_output_tensor_by_name(item, names.SEM) is not None:
+        return story.ENTRY, ""
+    if pb_utils.get_output_tensor_by_name(item, I.CLIP_AUDIO.name) is not None:
+        return story.CLIP, ""
+    return story.EMPTY, ""
 
 
 def _story_key(request) -> str:
