@@ -81,7 +81,8 @@ def run_baseline(model: str, items) -> dict:
 # Served
 # -------------------------------------------------------------------------------------------------
 
-async def one_story(client, item, model: str = I.ENSEMBLE) -> dict:
+def grpc_inputs(item: dict) -> list:
+    """A workload item's request tensors as tritonclient's gRPC inputs."""
     import tritonclient.grpc.aio as aio
 
     inputs = []
@@ -93,6 +94,11 @@ async def one_story(client, item, model: str = I.ENSEMBLE) -> dict:
         inp = aio.InferInput(name, list(arr.shape), t.dtype)
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
+    return inputs
+
+
+async def one_story(client, item, model: str = I.ENSEMBLE) -> dict:
+    inputs = grpc_inputs(item)
     rid = uuid.uuid4().hex
 
     async def requests():

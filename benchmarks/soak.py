@@ -37,8 +37,7 @@ from audiostory_ensemble import interface as I
 from audiostory_ensemble import layout
 from audiostory_ensemble.serving.processes import descendants
 from benchmarks.bench_dit_step import commit, machine
-from benchmarks.loadgen import one_story, pct, workload
-from client.api import request_arrays
+from benchmarks.loadgen import grpc_inputs, one_story, pct, workload
 
 MODES = ("story", "script", "continuation")
 DOORS = {"stream": I.STREAM_MODEL, "full": I.FULL_MODEL}
@@ -132,15 +131,7 @@ async def one_full(client, item: dict) -> dict:
     captions as many."""
     import tritonclient.grpc.aio as aio
 
-    inputs = []
-    for name, arr in request_arrays(item["instruction"], total_duration=item.get("total_duration"),
-                                    seed=item["seed"], num_steps=item["num_steps"], segments=item.get("segments"),
-                                    input_audio=item.get("input_audio"),
-                                    input_sample_rate=item.get("input_sample_rate")).items():
-        t = next(t for t in I.REQUEST_INPUTS if t.name == name)
-        inp = aio.InferInput(name, list(arr.shape), t.dtype)
-        inp.set_data_from_numpy(arr)
-        inputs.append(inp)
+    inputs = grpc_inputs(item)
     start = time.perf_counter()
     result = await client.infer(I.FULL_MODEL, inputs, outputs=[aio.InferRequestedOutput(t.name) for t in I.FULL_OUTPUTS])
     captions = result.as_numpy(I.CAPTIONS.name)
