@@ -294,14 +294,3 @@ def test_the_checks_catch_a_data_type_the_graph_does_not_have(exported, engines,
     config = repo / "dit_step" / "config.pbtxt"
     config.write_text(config.read_text().replace('name: "x" data_type: TYPE_FP32', 'name: "x" data_type: TYPE_FP16', 1))
     assert any("x is TYPE_FP16" in p for p in problems(repo, exported, engines))
-
-
-@pytest.mark.parametrize("settings, message", [
-    ({"engine_options": {"engine_args": {"no_such_vllm_arg": 1}}}, "are not vLLM engine arguments"),
-    ({"llm_gpus": [1], "engine_options": {"tensor_parallel_size": 2}}, "tensor_parallel_size is 2, but llm_gpus"),
-])
-def test_the_generator_refuses_engine_options_the_llm_could_not_start_with(settings, message, exported, tmp_path):
-    path = tmp_path / "settings.json"
-    path.write_text(json.dumps(settings))
-    with pytest.raises(SystemExit, match=message):
-        M.make_repo("cpu" if "llm_gpus" not in settings else "gpu", "tiny", tmp_path / "repo", path)
