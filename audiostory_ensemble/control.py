@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -49,17 +50,18 @@ def _requests(pb_utils, key: str, targets=CANCEL_TARGETS):
                                       requested_output_names=[]) for m in targets]
 
 
+def _send(model: str, req) -> list[str]:
+    try:
+        return [f"{model}: {r.error().message()}" for r in req.exec(decoupled=True) if r.has_error()]
+    except Exception as e:  # noqa: BLE001 - a dead stage cannot be cancelled; report it
+        return [f"{model}: {type(e).__name__}: {e}"]
+
+
 def cancel_story_sync(pb_utils, key: str, targets=CANCEL_TARGETS) -> list[str]:
-    """Send the cancel to every target; returns the errors (empty when all acknowledged)."""
-    errors = []
-    for model, req in zip(targets, _requests(pb_utils, key, targets)):
-        try:
-            for response in req.exec(decoupled=True):
-                if response.has_error():
-                    errors.append(f"{model}: {response.error().message()}")
-        except Exception as e:  # noqa: BLE001 - a dead stage cannot be cancelled; report it
-            errors.append(f"{model}: {type(e).__name__}: {e}")
-    return errors
+    """Send the cancel to every target at once (the sampler's steps do not wait on the planner's
+    abort); returns the errors (empty when all acknowledged)."""
+    with ThreadPoolExecutor(len(targets), thread_name_prefix="cancel") as pool:
+        return [e for errors in pool.map(_send, targets, _requests(pb_utils, key, targets)) for e in errors]
 
 
 async def cancel_story(pb_utils, key: str, targets=CANCEL_TARGETS) -> list[str]:

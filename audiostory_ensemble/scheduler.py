@@ -48,13 +48,22 @@ class Job:
     key: str = ""
     steps_done: int = 0
     cancelled: bool = field(default=False, repr=False)
+    steps_at_cancel: int | None = field(default=None, repr=False)
 
     @property
     def num_steps(self) -> int:
         return len(self.sigmas) - 1
 
+    @property
+    def steps_after_cancel(self) -> int:
+        """Steps that ran after :meth:`cancel` (the one in flight then, at most, when the loop
+        honours it); 0 for a clip never cancelled."""
+        return 0 if self.steps_at_cancel is None else self.steps_done - self.steps_at_cancel
+
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.steps_at_cancel = self.steps_done
+            self.cancelled = True
 
 
 @dataclass

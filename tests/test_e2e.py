@@ -403,22 +403,28 @@ ROWS = "audiostory_dit_step_rows_total"
 
 
 def test_a_cancelled_stream_stops_the_sampler_within_a_step(server, sample_instructions):
+    """The client's cancel reaches the sampler, which stops every clip of the story within the step
+    in flight. Steps are counted from the moment the cancel reached the step scheduler (its own
+    count, the ``audiostory_steps_after_cancel`` histogram, one observation per clip it held): how
+    many steps run while the cancel travels from the client (the front door's poll, two BLS hops)
+    depends on the machine's load, not on the code, and is not asserted."""
     caption, _ = sample_instructions[0]
     rows = lambda: metric(server, ROWS, "dit_step")  # noqa: E731
-    cancelled = lambda: metric(server, "audiostory_clips_cancelled_total", "dit_sampler")  # noqa: E731
-    rows0, cancelled0 = rows(), cancelled()
-    saved0 = metric(server, "audiostory_steps_saved_total", "dit_sampler")
+    sampler = lambda name: metric(server, name, "dit_sampler")  # noqa: E731
+    held = lambda: sampler("audiostory_steps_after_cancel_count")  # noqa: E731
+    at_most_one = lambda: scrape(server)['audiostory_steps_after_cancel_bucket{model="dit_sampler",le="1"}']  # noqa: E731
+    rows0, cancelled0, saved0, held0, within0 = (rows(), sampler("audiostory_clips_cancelled_total"),
+                                                 sampler("audiostory_steps_saved_total"), held(), at_most_one())
     steps = 200
     stream = OpenStream(server.grpc_url, instruction=caption, total_duration=50.0, num_steps=steps)
     wait_for(lambda: rows() >= rows0 + 10, what="the story's first DiT steps")
-    at_cancel = rows()
     stream.cancel()
-    wait_for(lambda: cancelled() > cancelled0, what="dit_sampler to see the cancel")
+    wait_for(lambda: held() > held0, what="dit_sampler to stop the clip it was stepping")
     final = settled(rows)
-    after = final - at_cancel
-    assert after <= 2, f"{after} DiT steps ran after the cancel"       # at most the one in flight
+    assert held() - held0 == at_most_one() - within0, "a clip ran more than the step in flight after its cancel"
+    assert sampler("audiostory_clips_cancelled_total") - cancelled0 >= held() - held0
     assert final - rows0 < steps, "the first clip ran to the end"
-    assert metric(server, "audiostory_steps_saved_total", "dit_sampler") - saved0 >= steps - (final - rows0)
+    assert sampler("audiostory_steps_saved_total") - saved0 >= steps - (final - rows0)
     assert metric(server, "audiostory_requests_cancelled_total", "audiostory_stream") >= 1
     assert metric(server, "audiostory_cancel_requests_total", "llm") >= 1
     wait_for(lambda: metric(server, "audiostory_active_stories", "audiostory_stream") == 0, what="no active story")

@@ -114,6 +114,7 @@ def test_a_cancelled_clip_leaves_within_one_step_and_the_others_finish():
     sched.close()
     assert got.results["long"] == (None, None)
     assert long_one.steps_done - at_cancel <= 1, "more than the step in flight ran after the cancel"
+    assert long_one.steps_after_cancel <= 1 and other.steps_after_cancel == 0   # the job's own count agrees
     assert np.array_equal(got.results["other"][0], solo(clip(2, steps=20)))
 
 

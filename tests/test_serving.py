@@ -379,6 +379,54 @@ def test_error_responses_carry_the_code_a_client_can_act_on():
     assert sent[0][0].error.code == "INVALID_ARG" and sent[0][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
+def test_a_story_cancel_reaches_every_stage_at_once_and_reports_the_ones_that_failed():
+    import threading
+
+    from audiostory_ensemble import control
+
+    arrived = {"llm": threading.Event(), "dit_sampler": threading.Event(), "bridge": threading.Event()}
+    sent = []
+
+    class Response:               # a response is its own error, as far as the caller reads it
+        def __init__(self, message=""):
+            self.text = message
+
+        def has_error(self):
+            return bool(self.text)
+
+        def error(self):
+            return self
+
+        def message(self):
+            return self.text
+
+    class Request:
+        def __init__(self, model_name, inputs, requested_output_names):
+            self.model, self.inputs = model_name, inputs
+
+        def exec(self, decoupled):
+            sent.append((self.model, self.inputs[0].name, self.inputs[0].value[0]))
+            arrived[self.model].set()
+            if self.model == "llm":       # the planner's abort is slow: the sampler must not wait for it
+                assert arrived["dit_sampler"].wait(10), "the sampler's cancel waited for the planner's"
+                return iter([Response()])
+            if self.model == "bridge":
+                raise RuntimeError("stub gone")
+            return iter([Response("busy")])
+
+    class Pb:
+        InferenceRequest = Request
+
+        class Tensor:
+            def __init__(self, name, value):
+                self.name, self.value = name, value
+
+    errors = control.cancel_story_sync(Pb, "k" * 32, ("llm", "dit_sampler", "bridge"))
+    assert sorted(m for m, _, _ in sent) == ["bridge", "dit_sampler", "llm"]
+    assert {(name, key) for _, name, key in sent} == {(control.CANCEL_INPUT, b"k" * 32)}
+    assert errors == ["dit_sampler: busy", "bridge: RuntimeError: stub gone"]
+
+
 def test_tasks_by_key_track_and_cancel_what_is_in_flight():
     import asyncio
 

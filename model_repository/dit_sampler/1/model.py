@@ -39,6 +39,8 @@ from audiostory_ensemble.serving.placement import instance_gpu
 from audiostory_ensemble.serving.records import ClipMeta
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+STEPS_AFTER_CANCEL = ("DiT steps a cancelled clip ran after the cancel reached the step scheduler "
+                      "(the one in flight, at most)", [0, 1, 2, 4, 8, 16, 64])
 
 
 class TritonPythonModel:
@@ -63,7 +65,8 @@ class TritonPythonModel:
                               "audiostory_clips_cancelled_total": "Clips stopped by a cancel",
                               "audiostory_steps_saved_total": "DiT steps not run because of a cancel",
                               "audiostory_bls_retries_total": "BLS requests re-sent after no answer"},
-                             {"audiostory_time_to_first_clip_seconds": (TTFC_DESCRIPTION, TTFC_BUCKETS)})
+                             {"audiostory_time_to_first_clip_seconds": (TTFC_DESCRIPTION, TTFC_BUCKETS),
+                              "audiostory_steps_after_cancel": STEPS_AFTER_CANCEL})
         kind = params.get("dit_engine", "onnx")
         on_batch = None
         if kind == "onnx":
@@ -134,17 +137,20 @@ class TritonPythonModel:
                               "noise_cache": len(self.noise_cache), "sigma_cache": len(self.sigma_cache),
                               "first_clip_ids": self.metrics.first_clip_ids, **self.scheduler.tracked()})
 
-    def _stopped(self, sender, meta, steps_done):
+    def _stopped(self, sender, meta, job=None):
         self.metrics.counter("audiostory_clips_cancelled_total", "Clips stopped by a cancel")
         self.metrics.counter("audiostory_steps_saved_total", "DiT steps not run because of a cancel",
-                             meta.num_steps - steps_done)
+                             meta.num_steps - (job.steps_done if job else 0))
+        if job is not None:     # the clip reached the scheduler
+            description, buckets = STEPS_AFTER_CANCEL
+            self.metrics.observe("audiostory_steps_after_cancel", description, job.steps_after_cancel, buckets)
         sender.send(flags=FINAL)
 
     async def _denoise(self, sender, cond_t, meta):
         """The clip's final latent ``[1, 645, 64]``, or None if its story was cancelled (the stream
         is then closed)."""
         if meta.cancel_key in self.cancelled or sender.is_cancelled():
-            self._stopped(sender, meta, 0)
+            self._stopped(sender, meta)
             return None
         job, fut = self.scheduler.render(self._noise(meta.seed), cond_t.as_numpy(), meta.render_s, meta.guidance,
                                          self._sigmas(meta.num_steps), meta.cancel_key)
@@ -154,7 +160,7 @@ class TritonPythonModel:
                 job.cancel()
         latent = fut.result()
         if latent is None:
-            self._stopped(sender, meta, job.steps_done)
+            self._stopped(sender, meta, job)
             return None
         return latent[None]
 
