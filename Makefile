@@ -76,7 +76,7 @@ perf:
 	$(PY) -m benchmarks.perf_sweep --url $(URL) $(PERF_ARGS)
 
 serve:
-	$(PY) -m audiostory_ensemble.triton_server --model-repository build/model_repository \
+	$(PY) -m audiostory_ensemble.serving.triton_server --model-repository build/model_repository \
 	  --address $(ADDRESS) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 clean:

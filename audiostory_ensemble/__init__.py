@@ -1,3 +1,15 @@
-"""AudioStory served on Triton: the model package (definitions, reference pipeline, engines)."""
+"""AudioStory served on Triton.
+
+- ``model``: the model itself, as the checkpoint defines it: configs and the checkpoint layout,
+  the plan grammar, the bridge, the DiT and its sampler, the VAE, post-processing;
+- ``llm``: the planning stage: the vLLM planner and its token driver, engine options, the remote
+  vLLM tier, audio input (continuation), script mode, vLLM's metrics on Triton;
+- ``serving``: what the Triton python models share: request validation, the clip record, the DiT
+  step scheduler and its engines, gates, cancellation, metrics, stitching, the server helper;
+- ``reference``: the reference pipeline (eager PyTorch), the oracle the served stack must equal;
+- ``tiny_story``: the tiny model's story world (its captions and plans);
+- ``interface`` and ``names``: the public request/response names and the internal ones (stages,
+  internal tensors, the exported graphs' inputs and outputs).
+"""
 
 __version__ = "0.1.0"

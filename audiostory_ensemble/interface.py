@@ -8,8 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import (DEFAULT_DURATION_POLICY, DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS, DEFAULT_SEED,
-                     DEFAULT_TOTAL_DURATION_S, OUTPUT_SAMPLE_RATE)
+from .model.config import (
+    DEFAULT_DURATION_POLICY,
+    DEFAULT_GUIDANCE,
+    DEFAULT_NUM_STEPS,
+    DEFAULT_SEED,
+    DEFAULT_TOTAL_DURATION_S,
+    OUTPUT_SAMPLE_RATE,
+)
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import post
-from . import script as script_mod
-from .checkpoint import load_converted
-from .config import (DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS, DEFAULT_SEED, DEFAULT_TOTAL_DURATION_S,
-                     MAX_NEW_TOKENS, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE)
-from .grammar import Plan, build_instruction, build_prompt, parse_plan
-from .sampler import initial_noise
+from .llm import script as script_mod
+from .model import post
+from .model.checkpoint import load_converted
+from .model.config import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_NUM_STEPS,
+    DEFAULT_SEED,
+    DEFAULT_TOTAL_DURATION_S,
+    MAX_NEW_TOKENS,
+    OUTPUT_SAMPLE_RATE,
+    VAE_SAMPLE_RATE,
+)
+from .model.grammar import Plan, build_instruction, build_prompt, parse_plan
+from .model.sampler import initial_noise
 
 
 class ForcedRunProcessor:

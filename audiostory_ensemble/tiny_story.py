@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from . import grammar
+from .model import grammar
 
 # Each event is written into the story caption and, verbatim, as its clip caption.
 EVENTS: tuple[str, ...] = (

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from audiostory_ensemble import layout
-from audiostory_ensemble.checkpoint import load_converted
+from audiostory_ensemble.model import layout
+from audiostory_ensemble.model.checkpoint import load_converted
 from export.export_onnx import DIT_FILE, dit_example, ort_session
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from audiostory_ensemble.config import LATENT_CHANNELS, LATENT_FRAMES, get_config
-from audiostory_ensemble.dit import AudioDiT, GuidedEulerStep
-from audiostory_ensemble.vae import VAEDecoder
+from audiostory_ensemble.model.config import LATENT_CHANNELS, LATENT_FRAMES, get_config
+from audiostory_ensemble.model.dit import AudioDiT, GuidedEulerStep
+from audiostory_ensemble.model.vae import VAEDecoder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from audiostory_ensemble.config import LATENT_CHANNELS, LATENT_FRAMES, get_config
-from audiostory_ensemble.dit import AudioDiT, GuidedEulerStep
-from audiostory_ensemble.sampler import flow_sigmas
-from audiostory_ensemble.scheduler import Job, StepScheduler
-from audiostory_ensemble.step_engines import TorchStepEngine
+from audiostory_ensemble.model.config import LATENT_CHANNELS, LATENT_FRAMES, get_config
+from audiostory_ensemble.model.dit import AudioDiT, GuidedEulerStep
+from audiostory_ensemble.model.sampler import flow_sigmas
+from audiostory_ensemble.serving.scheduler import Job, StepScheduler
+from audiostory_ensemble.serving.step_engines import TorchStepEngine
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble import layout
+from audiostory_ensemble.model import layout
 from audiostory_ensemble.tiny_story import SAMPLE_INSTRUCTIONS
 from client.api import request_arrays
 
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     server = None
     url = args.url
     if url is None:
-        from audiostory_ensemble.triton_server import TritonServer
+        from audiostory_ensemble.serving.triton_server import TritonServer
         server = TritonServer(args.repository, log_path=out_dir / "loadgen_server.log").start(timeout=900)
         url = server.grpc_url
     try:

@@ -41,8 +41,9 @@ import time
 from pathlib import Path
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble import layout, names
-from audiostory_ensemble.config import AUDIO_CHANNELS, BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES, WAVE_SAMPLES
+from audiostory_ensemble import names
+from audiostory_ensemble.model import layout
+from audiostory_ensemble.model.config import AUDIO_CHANNELS, BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES, WAVE_SAMPLES
 from benchmarks.bench_dit_step import commit, machine
 from benchmarks.loadgen import one_story, pct, workload
 
@@ -128,7 +129,7 @@ class Design:
         return out
 
     def server(self, repository: Path, log: Path):
-        from audiostory_ensemble.triton_server import TritonServer
+        from audiostory_ensemble.serving.triton_server import TritonServer
 
         server = TritonServer(repository, log_path=log)
         # The stubs import the package through the first python3 on PATH: this design's.

@@ -17,7 +17,7 @@ import shlex
 import subprocess
 import sys
 
-from audiostory_ensemble import layout
+from audiostory_ensemble.model import layout
 
 PERF = layout.BUILD / "bin" / "perf_analyzer"
 DATA = layout.PROJECT_ROOT / "benchmarks" / "perf" / "requests.json"

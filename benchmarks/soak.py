@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble import layout
+from audiostory_ensemble.model import layout
 from audiostory_ensemble.serving.processes import descendants
 from benchmarks.bench_dit_step import commit, machine
 from benchmarks.loadgen import grpc_inputs, one_story, pct, workload
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out_dir = layout.BUILD / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
-    from audiostory_ensemble.triton_server import TritonServer
+    from audiostory_ensemble.serving.triton_server import TritonServer
     server = TritonServer(args.repository, log_path=out_dir / "soak_server.log").start(timeout=900)
     pid = server.process.pid
     report = {"model": args.model, "machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from audiostory_ensemble.post import write_wav
+from audiostory_ensemble.model.post import write_wav
 
 from .api import AudioStoryClient, AudioStoryError, generate_http, health_check
 
@@ -40,8 +40,8 @@ def prepend_input(story_audio, input_audio, input_rate: int):
     """The input, at 32 kHz stereo, then the continuation, joined by the 3 s crossfade."""
     import numpy as np
 
-    from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE
-    from audiostory_ensemble.post import crossfade, resample
+    from audiostory_ensemble.model.config import OUTPUT_SAMPLE_RATE
+    from audiostory_ensemble.model.post import crossfade, resample
 
     a = resample(np.asarray(input_audio, dtype=np.float32), int(input_rate), OUTPUT_SAMPLE_RATE)
     a = np.repeat(a, 2, axis=0) if a.shape[0] == 1 else a[:2]
@@ -104,7 +104,7 @@ def _print_clip(t0: float):
 
 
 def cmd_dub(args) -> int:
-    from audiostory_ensemble.script import ScriptError, parse_segments
+    from audiostory_ensemble.llm.script import ScriptError, parse_segments
 
     from .dub import DubError, dub, probe
     from .subtitles import CueRules, SubtitleError, script_from_file

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.stitch import Clip, Story, StoryAssembler
+from audiostory_ensemble.serving.stitch import Clip, Story, StoryAssembler
 
 
 class AudioStoryError(RuntimeError):

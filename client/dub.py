@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE
-from audiostory_ensemble.post import resample, write_wav
+from audiostory_ensemble.model.config import OUTPUT_SAMPLE_RATE
+from audiostory_ensemble.model.post import resample, write_wav
 
 CODECS = {".mkv": "flac", ".mka": "flac", ".webm": "libopus", ".mp4": "aac", ".m4v": "aac", ".mov": "aac"}
 GENERATED_TITLE = "AudioStory"

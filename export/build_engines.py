@@ -165,7 +165,7 @@ def build(onnx_path: Path, out_dir: Path, settings: BuildSettings, trt) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from audiostory_ensemble import layout
+    from audiostory_ensemble.model import layout
 
     ap = argparse.ArgumentParser(description="Build TensorRT engines from the exported ONNX graphs")
     ap.add_argument("--model", default="full")

@@ -2,7 +2,7 @@
 
     python export/convert_checkpoint.py --model tiny [--release DIR] [--out DIR]
 
-Writes (see ``audiostory_ensemble/layout.py``): an HF Qwen2 folder with the LoRA merged, the trained
+Writes (see ``audiostory_ensemble/model/layout.py``): an HF Qwen2 folder with the LoRA merged, the trained
 norms, the resized vocabulary and the tokenizer (for vLLM and transformers); bridge, DiT and VAE
 weights under our module names; and the unconditional tokens (the Flan-T5 encoding of "" padded
 to N, computed once here from the T5 weights inside the checkpoint, so T5 never runs when serving).
@@ -26,8 +26,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from audiostory_ensemble import layout
-from audiostory_ensemble.config import ModelConfig, get_config
+from audiostory_ensemble.model import layout
+from audiostory_ensemble.model.config import ModelConfig, get_config
 
 CONVERTER_VERSION = 3
 
@@ -122,7 +122,7 @@ def release_config_keys(hydra: dict) -> list[str]:
                 walk(value, f"{path}[{i}]", training)
         elif not training:
             raise ConversionError(f"config.yaml: unknown key {path}; known keys are listed in "
-                                  "audiostory_ensemble/layout.py (RELEASE_CONFIG_KEYS)")
+                                  "audiostory_ensemble/model/layout.py (RELEASE_CONFIG_KEYS)")
 
     for section, node in hydra.items():
         # train_dataset is the training pipeline: only N and M are read, everything else is ignored.
@@ -286,7 +286,7 @@ def convert_audio_encoder(ledger: KeyLedger, hydra: dict, release: Path, out: Pa
     """The audio-understanding path, when the release has it: the Whisper folder is copied, the
     resampler's projector saved; ``audio_tokens`` set. Half of it (weights without the encoder,
     or the reverse) is an error, never a silent text-only model."""
-    from audiostory_ensemble.audio_input import AudioEncoder
+    from audiostory_ensemble.llm.audio_input import AudioEncoder
 
     has = any(k.startswith(layout.AUDIO_RESAMPLER_PREFIX) for k in ledger.state)
     resampler = ledger.take_prefix(layout.AUDIO_RESAMPLER_PREFIX) if has else {}
@@ -367,8 +367,8 @@ def convert(release: Path, out: Path, model: str, force: bool = False) -> Path:
 
     from diffusers import AutoencoderOobleck
 
-    from audiostory_ensemble.bridge import Bridge
-    from audiostory_ensemble.dit import AudioDiT
+    from audiostory_ensemble.model.bridge import Bridge
+    from audiostory_ensemble.model.dit import AudioDiT
 
     hydra = yaml.safe_load((release / layout.RELEASE_CONFIG).read_text())
     release_config_keys(hydra)

@@ -27,9 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audiostory_ensemble import layout, names
-from audiostory_ensemble.checkpoint import load_converted
-from audiostory_ensemble.config import BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES
+from audiostory_ensemble import names
+from audiostory_ensemble.model import config as model_config
+from audiostory_ensemble.model import dit as model_dit
+from audiostory_ensemble.model import layout
+from audiostory_ensemble.model import vae as model_vae
+from audiostory_ensemble.model.checkpoint import load_converted
+from audiostory_ensemble.model.config import BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES
 from audiostory_ensemble.serving.onnx_runner import ort_session
 
 OPSET = 18
@@ -98,9 +102,8 @@ def fingerprint(converted_root: Path) -> str:
     h = hashlib.sha256()
     manifest = converted_root / layout.MANIFEST
     h.update(manifest.read_bytes() if manifest.exists() else b"")
-    pkg = Path(__file__).resolve().parent.parent / "audiostory_ensemble"
-    for name in ("dit.py", "vae.py", "config.py"):
-        h.update((pkg / name).read_bytes())
+    for module in (model_dit, model_vae, model_config):     # the graphs' definitions
+        h.update(Path(module.__file__).read_bytes())
     h.update(Path(__file__).read_bytes())
     h.update(f"{torch.__version__}".encode())
     return h.hexdigest()

@@ -24,11 +24,12 @@ import string
 import sys
 from pathlib import Path
 
-from audiostory_ensemble import control
 from audiostory_ensemble import interface as I
-from audiostory_ensemble import layout, names
-from audiostory_ensemble.checkpoint import load_converted
-from audiostory_ensemble.engine_options import EngineOptions
+from audiostory_ensemble import names
+from audiostory_ensemble.llm.engine_options import EngineOptions
+from audiostory_ensemble.model import layout
+from audiostory_ensemble.model.checkpoint import load_converted
+from audiostory_ensemble.serving import control
 from audiostory_ensemble.serving.request import Limits
 
 TEMPLATES = layout.PROJECT_ROOT / "model_repository"

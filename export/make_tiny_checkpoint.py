@@ -42,8 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from audiostory_ensemble import grammar, layout  # noqa: E402  (light imports only)
-from audiostory_ensemble.config import TINY  # noqa: E402
+from audiostory_ensemble import tiny_story  # noqa: E402  (light imports only)
+from audiostory_ensemble.model import grammar, layout  # noqa: E402
+from audiostory_ensemble.model.config import TINY  # noqa: E402
 from export import tiny_audio, tiny_llm  # noqa: E402
 
 BASE_DIR_NAME = "Qwen2.5-tiny"
@@ -61,7 +62,7 @@ def content_hash(steps: int, seed: int) -> str:
     h = hashlib.sha256()
     here = Path(__file__).resolve().parent
     for path in (Path(__file__).resolve(), here / "tiny_llm.py", here / "tiny_audio.py",
-                 ROOT / "audiostory_ensemble" / "tiny_story.py", ROOT / "audiostory_ensemble" / "grammar.py"):
+                 Path(tiny_story.__file__), Path(grammar.__file__)):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     h.update(json.dumps(TINY.to_dict(), sort_keys=True).encode())
     h.update(json.dumps({"steps": steps, "seed": seed}, sort_keys=True).encode())

@@ -30,8 +30,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from audiostory_ensemble import layout
-from audiostory_ensemble.config import TINY
+from audiostory_ensemble.model import layout
+from audiostory_ensemble.model.config import TINY
 
 GAINS = {
     "bridge": 8.0,                  # projectors' first layers
@@ -62,7 +62,8 @@ def hidden_state_means(model, tok, seed: int, stories: int = 64):
 
     import torch
 
-    from audiostory_ensemble import grammar, tiny_story
+    from audiostory_ensemble import tiny_story
+    from audiostory_ensemble.model import grammar
 
     n, m = TINY.num_t5_tokens, TINY.num_aud_tokens
     ids_of = grammar.TokenIds.from_tokenizer(tok, n, m)

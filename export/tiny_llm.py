@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from audiostory_ensemble import grammar, tiny_story
-from audiostory_ensemble.config import TINY
+from audiostory_ensemble import tiny_story
+from audiostory_ensemble.model import grammar
+from audiostory_ensemble.model.config import TINY
 
 BPE_VOCAB = 800                # byte alphabet (256) + merges; the 22 specials come after
 DEFAULT_STEPS = 600
@@ -45,8 +46,7 @@ REPORT_FILE = "verification.txt"
 
 def content_hash(steps: int, seed: int) -> str:
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent / "audiostory_ensemble"
-    for path in (Path(__file__).resolve(), root / "tiny_story.py", root / "grammar.py"):
+    for path in (Path(__file__).resolve(), Path(tiny_story.__file__), Path(grammar.__file__)):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     sizes = {"llm": TINY.to_dict()["llm"], "n": TINY.num_t5_tokens, "m": TINY.num_aud_tokens}
     h.update(json.dumps({"sizes": sizes, "steps": steps, "seed": seed}, sort_keys=True).encode())

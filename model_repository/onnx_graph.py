@@ -3,8 +3,8 @@ requests in one session call. On GPU hosts the tensorrt_plan platform serves the
 
 import triton_python_backend_utils as pb_utils
 
-from audiostory_ensemble.metrics import StageMetrics
 from audiostory_ensemble.serving.adapter import Parameters
+from audiostory_ensemble.serving.metrics import StageMetrics
 from audiostory_ensemble.serving.onnx_runner import OnnxBatchRunner
 from audiostory_ensemble.serving.placement import instance_gpu
 

@@ -12,11 +12,10 @@ import subprocess
 import sys
 import time
 
-from audiostory_ensemble import layout
+from audiostory_ensemble.model import layout
+from audiostory_ensemble.serving.triton_server import TritonServer, TritonServerError
 from audiostory_ensemble.tiny_story import SAMPLE_INSTRUCTIONS
-from audiostory_ensemble.triton_server import TritonServer, TritonServerError
 from client.__main__ import main as client_main
-
 
 # A timeline as a video captioner would hand it over: two touching segments, a gap, one more.
 DEMO_SCRIPT = [

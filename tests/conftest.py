@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from audiostory_ensemble.layout import BUILD
+from audiostory_ensemble.model.layout import BUILD
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_BUILD = BUILD / "tests"
@@ -94,7 +94,7 @@ def tiny_release() -> Path:
     """The tiny release folder, built (or found up to date) once per session. AUDIOSTORY_TINY_RELEASE
     names one made elsewhere, used as it is (the numpy-2 run takes the main venv's: the maker's
     cache key holds the library versions, and the image never runs the maker)."""
-    from audiostory_ensemble import layout
+    from audiostory_ensemble.model import layout
 
     given = os.environ.get("AUDIOSTORY_TINY_RELEASE")
     if given:
@@ -109,8 +109,8 @@ def tiny_release() -> Path:
 
 @pytest.fixture(scope="session")
 def converted(tiny_release):
-    from audiostory_ensemble import layout
-    from audiostory_ensemble.checkpoint import load_converted
+    from audiostory_ensemble.model import layout
+    from audiostory_ensemble.model.checkpoint import load_converted
     from export.convert_checkpoint import convert
 
     convert(tiny_release, layout.converted_dir("tiny"), "tiny")

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.serving.processes import unlink_unmapped_shm
-from audiostory_ensemble.triton_server import TritonServer
+from audiostory_ensemble.serving.triton_server import TritonServer
 from client.api import request_arrays
 from export.make_repo import make_repo
 

@@ -14,9 +14,9 @@ import tritonclient.http as httpclient
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE
+from audiostory_ensemble.model.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE
 from audiostory_ensemble.serving.request import parse_request
-from audiostory_ensemble.stitch import StoryAssembler
+from audiostory_ensemble.serving.stitch import StoryAssembler
 from client.__main__ import _params, prepend_input
 from client.api import _clip_from, request_arrays
 

@@ -7,7 +7,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from audiostory_ensemble import layout
+from audiostory_ensemble.model import layout
 from export.convert_checkpoint import ConversionError, convert
 
 

@@ -71,7 +71,7 @@ def test_disaggregated_values_add_the_vllm_tier_and_point_the_llm_at_it(rendered
     assert "--runner=pooling" in pooling and any("token_embed" in a for a in pooling)
     # One source for the tier servers' arguments: the chart's file is remote_llm.SERVER_ARGS, and
     # every one of them reaches its Deployment (--seed=0 included).
-    from audiostory_ensemble.remote_llm import SERVER_ARGS, SERVER_ARGS_FILE
+    from audiostory_ensemble.llm.remote_llm import SERVER_ARGS, SERVER_ARGS_FILE
     assert json.loads((ROOT / SERVER_ARGS_FILE).read_text()) == SERVER_ARGS
     for role, args in SERVER_ARGS.items():
         rendered_args = _find(docs, "Deployment", f"vllm-{role}")["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -8,8 +8,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from audiostory_ensemble.remote_llm import server_command
-from audiostory_ensemble.triton_server import free_port
+from audiostory_ensemble.llm.remote_llm import server_command
+from audiostory_ensemble.serving.triton_server import free_port
 from client.api import AudioStoryClient, AudioStoryError
 from tests.serverutil import ProcessTree, infer_error, served
 

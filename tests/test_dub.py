@@ -243,7 +243,7 @@ def test_mux_copies_the_video_and_writes_the_audio_as_given(tmp_path, original):
 
 
 def test_the_mix_is_the_story_plus_the_original_at_the_gain(tmp_path, original):
-    from audiostory_ensemble.post import resample
+    from audiostory_ensemble.model.post import resample
     from client.dub import original_audio
 
     video = make_video(tmp_path / "in.mkv", 4.3, audio=original)

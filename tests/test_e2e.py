@@ -7,7 +7,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.triton_server import TritonServer
+from audiostory_ensemble.serving.triton_server import TritonServer
 from client.api import AudioStoryClient, AudioStoryError, generate_http, request_arrays
 from export.make_repo import make_repo
 from tests.parity import AUDIO_TOLERANCE, assert_plan_parity, assert_story_parity
@@ -327,7 +327,7 @@ SCRIPT = [{"start": 1.0, "end": 9.5, "caption": "a dog barks twice"},
 
 
 def test_script_mode_is_timeline_exact_and_equals_the_reference(client, server, reference):
-    from audiostory_ensemble import script
+    from audiostory_ensemble.llm import script
 
     story = client.generate(None, segments=SCRIPT, num_steps=4)
     sr = story.sample_rate
@@ -353,7 +353,7 @@ def test_script_mode_is_timeline_exact_and_equals_the_reference(client, server, 
 
 
 def test_continuation_yields_a_story_of_the_documented_length(client, server):
-    from audiostory_ensemble.post import stitched_length
+    from audiostory_ensemble.model.post import stitched_length
 
     t = np.arange(int(4.0 * 22050)) / 22050
     audio = np.stack([np.sin(2 * np.pi * 330 * t), np.sin(2 * np.pi * 331 * t)]).astype(np.float32) * 0.3

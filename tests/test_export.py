@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from audiostory_ensemble.sampler import flow_sigmas, initial_noise, sample_latent
+from audiostory_ensemble.model.sampler import flow_sigmas, initial_noise, sample_latent
 from export import build_engines as B
 from export.export_onnx import DIT_FILE, MANIFEST, VAE_FILE, dit_example, ort_session, vae_example
 

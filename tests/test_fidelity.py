@@ -9,12 +9,12 @@ bridge's parity are tested against the reference in test_planner and test_e2e)."
 import numpy as np
 import pytest
 
-from audiostory_ensemble import post
-from audiostory_ensemble.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
-from audiostory_ensemble.sampler import flow_sigmas, initial_noise
-from audiostory_ensemble.scheduler import Job, StepScheduler
-from audiostory_ensemble.step_engines import OnnxStepEngine
+from audiostory_ensemble.model import post
+from audiostory_ensemble.model.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
+from audiostory_ensemble.model.sampler import flow_sigmas, initial_noise
 from audiostory_ensemble.serving.onnx_runner import ort_session
+from audiostory_ensemble.serving.scheduler import Job, StepScheduler
+from audiostory_ensemble.serving.step_engines import OnnxStepEngine
 from tests.parity import assert_story_parity
 
 FAULTS = ("swapped conditioning", "duration off by one second", "one Euler step skipped",

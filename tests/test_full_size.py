@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from audiostory_ensemble.config import FULL
-from audiostory_ensemble.dit import AudioDiT, GuidedEulerStep
-from audiostory_ensemble.vae import VAEDecoder
+from audiostory_ensemble.model.config import FULL
+from audiostory_ensemble.model.dit import AudioDiT, GuidedEulerStep
+from audiostory_ensemble.model.vae import VAEDecoder
 from export.export_onnx import dit_example, vae_example
 
 

@@ -4,8 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from audiostory_ensemble import grammar as G
-from audiostory_ensemble.audio_input import continuation_instruction
+from audiostory_ensemble.llm.audio_input import continuation_instruction
+from audiostory_ensemble.model import grammar as G
 
 
 def toy_vocab(n=3, m=2):

@@ -9,11 +9,11 @@ import torch
 from diffusers import AutoencoderOobleck, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-from audiostory_ensemble.bridge import Bridge
-from audiostory_ensemble.config import BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES, ROPE_AXES, TINY, VAE_HOP
-from audiostory_ensemble.dit import AudioDiT, GuidedEulerStep
-from audiostory_ensemble.sampler import flow_sigmas, initial_noise, sample_latent
-from audiostory_ensemble.vae import VAEDecoder
+from audiostory_ensemble.model.bridge import Bridge
+from audiostory_ensemble.model.config import BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES, ROPE_AXES, TINY, VAE_HOP
+from audiostory_ensemble.model.dit import AudioDiT, GuidedEulerStep
+from audiostory_ensemble.model.sampler import flow_sigmas, initial_noise, sample_latent
+from audiostory_ensemble.model.vae import VAEDecoder
 
 N = TINY.num_t5_tokens
 

@@ -15,7 +15,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from audiostory_ensemble.layout import BUILD
+from audiostory_ensemble.model.layout import BUILD
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMPY2_PY = ROOT / "build" / "numpy2-venv" / "bin" / "python"

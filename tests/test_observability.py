@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 import yaml
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.triton_server import free_port
+from audiostory_ensemble.serving.triton_server import free_port
 from client.api import AudioStoryClient, request_arrays
 from tests.serverutil import OpenStream, ProcessTree, grpc_inputs, scrape, served, settled, wait_for
 
@@ -342,7 +342,7 @@ def test_the_engine_series_carry_vllms_own_names():
 
     from vllm.v1.metrics import loggers
 
-    from audiostory_ensemble import vllm_metrics as vm
+    from audiostory_ensemble.llm import vllm_metrics as vm
 
     theirs = set(re.findall(r'name="(vllm:[a-z0-9_]+)"', inspect.getsource(loggers.PrometheusStatLogger)))
     assert len(theirs) > 20

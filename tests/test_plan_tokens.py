@@ -2,8 +2,8 @@
 released as their </aud> closes them, the budget, malformed and empty plans."""
 import pytest
 
-from audiostory_ensemble.grammar import NoClipError, PlanError, clip_text
-from audiostory_ensemble.plan_tokens import PlanTokens
+from audiostory_ensemble.llm.plan_tokens import PlanTokens
+from audiostory_ensemble.model.grammar import NoClipError, PlanError, clip_text
 
 
 @pytest.fixture(scope="module")

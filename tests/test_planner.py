@@ -4,8 +4,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from audiostory_ensemble.grammar import NoClipError, build_instruction, build_prompt, parse_plan
-from audiostory_ensemble.planner import PlannedClip, PlanRequest, Planner, scale_to_total
+from audiostory_ensemble.llm.planner import PlannedClip, Planner, PlanRequest, scale_to_total
+from audiostory_ensemble.model.grammar import NoClipError, build_instruction, build_prompt, parse_plan
 from audiostory_ensemble.serving.loop import LoopThread
 
 
@@ -158,7 +158,7 @@ def test_no_complete_clip_is_a_typed_error(planner, reference, sample_instructio
 def test_forced_script_hidden_states_equal_a_transformers_forward(planner, reference):
     import json
 
-    from audiostory_ensemble import script
+    from audiostory_ensemble.llm import script
 
     p, _ = planner
     segments = script.parse_segments(json.dumps([
@@ -241,8 +241,8 @@ def test_plan_summaries_stay_bounded_in_every_mode(planner, sample_instructions,
     be kept forever), and forgets each plan's engine requests when it ends."""
     import json
 
-    from audiostory_ensemble import planner as planner_mod
-    from audiostory_ensemble import script
+    from audiostory_ensemble.llm import planner as planner_mod
+    from audiostory_ensemble.llm import script
 
     p, _ = planner
     monkeypatch.setattr(planner_mod, "MAX_SUMMARIES", 3)
@@ -263,7 +263,7 @@ def test_a_dead_engine_is_an_error_not_a_hang(planner, sample_instructions):
     import os
     import signal
 
-    from audiostory_ensemble.planner import PlannerError
+    from audiostory_ensemble.llm.planner import PlannerError
     from audiostory_ensemble.serving.processes import descendants
 
     killed = 0
@@ -285,7 +285,7 @@ def test_a_dead_engine_is_an_error_not_a_hang(planner, sample_instructions):
 def test_vllm_engine_arguments_pass_through_as_vllm_names_them(converted):
     """Any AsyncEngineArgs field reaches the engines (per engine where given); unknown names and
     the ones the planner sets are refused with the option named; tensor parallelism must fit llm_gpus."""
-    from audiostory_ensemble.engine_options import EngineOptions
+    from audiostory_ensemble.llm.engine_options import EngineOptions
 
     options = EngineOptions.from_dict({"engine_args": {"max_num_batched_tokens": 4096, "block_size": 32},
                                        "pooling_engine_args": {"max_num_batched_tokens": 8192}})

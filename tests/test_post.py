@@ -6,9 +6,8 @@ import pytest
 import soxr
 import torch
 
-from audiostory_ensemble.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE, WAVE_SAMPLES
-from audiostory_ensemble.post import (clip_durations, crossfade, resample, stitched_length, trim,
-                                      write_wav)
+from audiostory_ensemble.model.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE, WAVE_SAMPLES
+from audiostory_ensemble.model.post import clip_durations, crossfade, resample, stitched_length, trim, write_wav
 
 TS = int(CROSSFADE_S * OUTPUT_SAMPLE_RATE)  # 96000
 

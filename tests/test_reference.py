@@ -2,8 +2,8 @@
 import numpy as np
 import torch
 
-from audiostory_ensemble import post
-from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE
+from audiostory_ensemble.model import post
+from audiostory_ensemble.model.config import OUTPUT_SAMPLE_RATE
 
 
 def test_reference_stories_have_clips_and_the_stitched_length(reference_result, sample_instructions):
@@ -42,7 +42,7 @@ def test_generate_hidden_states_equal_a_teacher_forced_forward(reference, refere
 
 
 def test_seed_changes_noise_and_lead_but_seed0_is_the_reference(reference, sample_instructions):
-    from audiostory_ensemble.grammar import build_instruction
+    from audiostory_ensemble.model.grammar import build_instruction
 
     caption, total = sample_instructions[1]
     a = reference(caption, total, seed=0, num_steps=4)

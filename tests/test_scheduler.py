@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from audiostory_ensemble.sampler import flow_sigmas, initial_noise
-from audiostory_ensemble.scheduler import Job, StepScheduler
-from audiostory_ensemble.step_engines import OnnxStepEngine, StepEngine
+from audiostory_ensemble.model.sampler import flow_sigmas, initial_noise
+from audiostory_ensemble.serving.scheduler import Job, StepScheduler
+from audiostory_ensemble.serving.step_engines import OnnxStepEngine, StepEngine
 
 N = 3
 
@@ -167,7 +167,7 @@ def test_onnx_engine_batched_equals_solo_and_the_torch_sampler(converted, export
     the steps); and the torch loop within the export tolerance."""
     import torch
 
-    from audiostory_ensemble.sampler import sample_latent
+    from audiostory_ensemble.model.sampler import sample_latent
     step = converted.guided_step()
     n = converted.config.num_t5_tokens
     g = torch.Generator().manual_seed(3)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble import post, script
+from audiostory_ensemble.llm import script
+from audiostory_ensemble.model import post
 from audiostory_ensemble.serving.request import RequestError, parse_request
 
 SR = 32000
@@ -141,7 +142,7 @@ def test_touching_clips_crossfade_like_the_reference_join():
 
 
 def test_forced_script_parses_back_to_its_captions_and_durations(converted):
-    from audiostory_ensemble.grammar import parse_plan
+    from audiostory_ensemble.model.grammar import parse_plan
 
     tok, tokenizer = converted.token_ids, converted.tokenizer
     clips = script.plan_clips(script.parse_segments(json.dumps(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from audiostory_ensemble.triton_server import GRPC_ADMIN_HEADER, TritonServer, TritonServerError
+from audiostory_ensemble.serving.triton_server import GRPC_ADMIN_HEADER, TritonServer, TritonServerError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

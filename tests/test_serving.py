@@ -5,7 +5,7 @@ import pytest
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.serving.records import ClipMeta
 from audiostory_ensemble.serving.request import RequestError, parse_request
-from audiostory_ensemble.stitch import StoryAssembler
+from audiostory_ensemble.serving.stitch import StoryAssembler
 from client.api import request_arrays
 
 
@@ -104,11 +104,10 @@ def _alive(pid: int) -> bool:
 def test_guard_kills_engine_processes_when_the_stub_is_killed():
     """A process started from a helper thread (as vLLM engines are, from the loop thread) must not
     outlive its parent after a SIGKILL."""
+    import os
     import subprocess
     import sys
     import time
-
-    import os
 
     shm = f"/dev/shm/audiostory_guard_test_{os.getpid()}"
     engine = ("import mmap, time\n"
@@ -255,8 +254,8 @@ def test_cancel_registry_is_capped_under_a_flood_of_cancels():
 
 
 def test_absurd_clip_durations_are_capped_at_the_dit_window():
-    from audiostory_ensemble.config import MAX_DURATION_S
-    from audiostory_ensemble.planner import story_duration
+    from audiostory_ensemble.llm.planner import story_duration
+    from audiostory_ensemble.model.config import MAX_DURATION_S
 
     assert story_duration(12.5) == 12.5
     assert story_duration(400.0) == MAX_DURATION_S
@@ -267,7 +266,7 @@ def test_absurd_clip_durations_are_capped_at_the_dit_window():
 def test_total_duration_reaches_every_mode_as_typed(converted, typed):
     """FP32 on the wire holds 12.300000190734863 for 12.3: the instruction of every mode carries the
     shortest decimal that round-trips the FP32 value (what the user typed; 50 stays "50.0")."""
-    from audiostory_ensemble.planner import Planner, PlanRequest
+    from audiostory_ensemble.llm.planner import Planner, PlanRequest
 
     planner = Planner(converted)          # its instruction needs no engines
     segments = [{"start": 0.5, "end": 4.0, "caption": "rain"}]
@@ -312,8 +311,8 @@ def test_a_planned_clip_record_has_the_render_length_and_fades_of_its_mode():
     clips take theirs from the timeline (a touching segment's tail, none after a gap)."""
     import numpy as np
 
-    from audiostory_ensemble import script
-    from audiostory_ensemble.planner import PlannedClip
+    from audiostory_ensemble.llm import script
+    from audiostory_ensemble.llm.planner import PlannedClip
 
     def planned(i, d, last, sc=None):
         return PlannedClip(i, "c", d, d, 0.0, last, np.zeros((1, 1)), np.zeros((1, 1)), script=sc)
@@ -382,7 +381,7 @@ def test_error_responses_carry_the_code_a_client_can_act_on():
 def test_a_story_cancel_reaches_every_stage_at_once_and_reports_the_ones_that_failed():
     import threading
 
-    from audiostory_ensemble import control
+    from audiostory_ensemble.serving import control
 
     arrived = {"llm": threading.Event(), "dit_sampler": threading.Event(), "bridge": threading.Event()}
     sent = []

@@ -9,8 +9,9 @@ import pytest
 import torch
 import yaml
 
-from audiostory_ensemble import grammar, layout, tiny_story
-from audiostory_ensemble.config import TINY
+from audiostory_ensemble import tiny_story
+from audiostory_ensemble.model import grammar, layout
+from audiostory_ensemble.model.config import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -260,9 +261,9 @@ def test_the_audio_hears_its_conditioning(reference, reference_result, sample_in
     (100x the audio parity tolerance); skipping one Euler step of 50 moves the audio by >= 1e-2."""
     import numpy as np
 
-    from audiostory_ensemble import post
-    from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
-    from audiostory_ensemble.sampler import flow_sigmas, initial_noise
+    from audiostory_ensemble.model import post
+    from audiostory_ensemble.model.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
+    from audiostory_ensemble.model.sampler import flow_sigmas, initial_noise
 
     caption, total = sample_instructions[0]
     clips = reference_result(caption, total).clips

@@ -11,4 +11,10 @@ it is importable and testable anywhere (the ``model.py`` files pass numpy arrays
   guard's own program (``python -m audiostory_ensemble.serving.watchdog``);
 - ``adapter``: what every ``model.py`` does with the python backend (``pb_utils`` passed in): its
   config parameters, error responses.
-- ``story``: the front door's story loop as a state machine (what each stream event means)."""
+- ``story``: the front door's story loop as a state machine (what each stream event means);
+- ``scheduler``: the DiT step scheduler (continuous batching of clips over one engine), its engines
+  in ``step_engines``;
+- ``control``: cancelling a story across the stages; ``metrics``: the stages' Triton metrics;
+- ``stitch``: collecting streamed clips into the story (the client and ``audiostory_full``);
+- ``triton_server``: starting and stopping a ``tritonserver`` (``python -m
+  audiostory_ensemble.serving.triton_server``)."""

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .. import post
+from ..model import post
 from .request import RequestParams
 
 

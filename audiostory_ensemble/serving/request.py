@@ -11,10 +11,10 @@ from typing import Callable
 import numpy as np
 
 from .. import interface as I
-from .. import script
-from ..config import DURATION_POLICIES, MAX_INPUT_AUDIO_S, MIN_INPUT_AUDIO_S
-from ..grammar import control_token_in
-from ..sampler import MAX_SEED
+from ..llm import script
+from ..model.config import DURATION_POLICIES, MAX_INPUT_AUDIO_S, MIN_INPUT_AUDIO_S
+from ..model.grammar import control_token_in
+from ..model.sampler import MAX_SEED
 
 
 class RequestError(ValueError):

@@ -9,11 +9,11 @@ instance count. If the client goes away (checked between clips), the story is ca
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from audiostory_ensemble import control
 from audiostory_ensemble import interface as I
+from audiostory_ensemble.serving import control
 from audiostory_ensemble.serving.adapter import Parameters, error_response
 from audiostory_ensemble.serving.request import RequestError, parse_request
-from audiostory_ensemble.stitch import StoryAssembler
+from audiostory_ensemble.serving.stitch import StoryAssembler
 
 
 class TritonPythonModel:

@@ -11,7 +11,7 @@ control and cancellation.
   neither passes an ensemble's cancellation on nor lets a BLS caller cancel its request.)
 - Every story has a key, sent as the request id of its `llm` and `dit_sampler` requests. When the
   client cancels or disconnects (checked every `poll_s`, also while waiting), the key goes to `llm`
-  and `dit_sampler` as a control request (`audiostory_ensemble.control`): the plan is aborted in
+  and `dit_sampler` as a control request (`audiostory_ensemble.serving.control`): the plan is aborted in
   vLLM and every clip stops before its next step.
 - An error from a stage ends the stream with that error and cancels the story's other clips; a
   story unfinished after `story_timeout_s` is failed and cancelled the same way.
@@ -21,12 +21,12 @@ import concurrent.futures
 
 import triton_python_backend_utils as pb_utils
 
-from audiostory_ensemble import control, names
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.metrics import StageMetrics
-from audiostory_ensemble.serving import story
-from audiostory_ensemble.serving.loop import ensure_heartbeat
+from audiostory_ensemble import names
+from audiostory_ensemble.serving import control, story
 from audiostory_ensemble.serving.adapter import Parameters, send_error
+from audiostory_ensemble.serving.loop import ensure_heartbeat
+from audiostory_ensemble.serving.metrics import StageMetrics
 from audiostory_ensemble.serving.request import RequestError, parse_request
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL

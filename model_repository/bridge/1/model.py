@@ -5,7 +5,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import names
-from audiostory_ensemble.checkpoint import load_converted
+from audiostory_ensemble.model.checkpoint import load_converted
 from audiostory_ensemble.serving.adapter import Parameters
 
 

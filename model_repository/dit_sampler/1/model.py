@@ -1,7 +1,7 @@
 """dit_sampler: every clip's flow-matching loop on one step scheduler, then the clip's audio
 (`vae_decoder` through BLS, trim, resample to 32 kHz) with every public output of the clip.
 
-The denoising loop is continuous batching (`audiostory_ensemble.scheduler`): each iteration makes
+The denoising loop is continuous batching (`audiostory_ensemble.serving.scheduler`): each iteration makes
 ONE engine call for every clip in flight, at whatever step each is, and the rows stay in the
 engine between steps. The engine is a repository setting (`dit_engine`): `onnx` runs the exported
 graph with onnxruntime in this process (the cpu profile: no hop per step at all); `triton` sends
@@ -25,18 +25,20 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from audiostory_ensemble import control, names, post
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
-from audiostory_ensemble.metrics import TTFC_BUCKETS, TTFC_DESCRIPTION, BatchMetrics, StageMetrics
-from audiostory_ensemble.sampler import flow_sigmas, initial_noise
-from audiostory_ensemble.scheduler import StepScheduler
-from audiostory_ensemble.step_engines import OnnxStepEngine, TritonStepEngine
+from audiostory_ensemble import names
+from audiostory_ensemble.model import post
+from audiostory_ensemble.model.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
+from audiostory_ensemble.model.sampler import flow_sigmas, initial_noise
+from audiostory_ensemble.serving import control
 from audiostory_ensemble.serving.adapter import Parameters, send_error
 from audiostory_ensemble.serving.gates import CancelRegistry, PerKeyLimiter, PriorityGate
 from audiostory_ensemble.serving.loop import ensure_heartbeat
+from audiostory_ensemble.serving.metrics import TTFC_BUCKETS, TTFC_DESCRIPTION, BatchMetrics, StageMetrics
 from audiostory_ensemble.serving.placement import instance_gpu
 from audiostory_ensemble.serving.records import ClipMeta
+from audiostory_ensemble.serving.scheduler import StepScheduler
+from audiostory_ensemble.serving.step_engines import OnnxStepEngine, TritonStepEngine
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 STEPS_AFTER_CANCEL = ("DiT steps a cancelled clip ran after the cancel reached the step scheduler "

@@ -1,6 +1,6 @@
 """llm: the story planner on vLLM (generate + pooling engines), decoupled: one response per clip.
 
-Thin adapter over ``audiostory_ensemble.planner``. Traps handled here (Triton 2.51 + vLLM):
+Thin adapter over ``audiostory_ensemble.llm.planner``. Traps handled here (Triton 2.51 + vLLM):
 locale set before importing vLLM; engines guarded against outliving the stub; the last clip
 carries the final flag (no empty trailing response); ``is_cancelled()`` is never called after
 the final response was sent.
@@ -22,13 +22,14 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from audiostory_ensemble import control, names  # noqa: E402
-from audiostory_ensemble.engine_options import EngineOptions  # noqa: E402
-from audiostory_ensemble.metrics import StageMetrics  # noqa: E402
-from audiostory_ensemble.planner import Planner, PlanRequest  # noqa: E402
+from audiostory_ensemble import names
+from audiostory_ensemble.llm.engine_options import EngineOptions  # noqa: E402
+from audiostory_ensemble.llm.planner import Planner, PlanRequest  # noqa: E402
+from audiostory_ensemble.serving import control  # noqa: E402
 from audiostory_ensemble.serving.adapter import Parameters, send_error  # noqa: E402
 from audiostory_ensemble.serving.gates import CancelRegistry, TasksByKey  # noqa: E402
 from audiostory_ensemble.serving.loop import LoopThread  # noqa: E402
+from audiostory_ensemble.serving.metrics import StageMetrics  # noqa: E402
 from audiostory_ensemble.serving.placement import visible_gpus  # noqa: E402
 from audiostory_ensemble.serving.processes import guard_children, release_guard  # noqa: E402
 from audiostory_ensemble.serving.records import ClipMeta  # noqa: E402
@@ -56,7 +57,7 @@ class TritonPythonModel:
         # a remote tier's servers export their own.
         self.engine_metrics = None
         if not options.remote:
-            from audiostory_ensemble.vllm_metrics import VllmMetrics
+            from audiostory_ensemble.llm.vllm_metrics import VllmMetrics
             self.engine_metrics = VllmMetrics(pb_utils, {"model": args["model_name"],
                                                          "version": args["model_version"]})
         self.loop.run(self.planner.start(self.engine_metrics))

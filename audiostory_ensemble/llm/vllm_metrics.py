@@ -20,8 +20,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from vllm.v1.metrics.buckets import (INTER_TOKEN_LATENCY_BUCKETS, REQUEST_LATENCY_BUCKETS,
-                                     TIME_TO_FIRST_TOKEN_BUCKETS)
+from vllm.v1.metrics.buckets import INTER_TOKEN_LATENCY_BUCKETS, REQUEST_LATENCY_BUCKETS, TIME_TO_FIRST_TOKEN_BUCKETS
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 ENGINES = ("generate", "pooling")

@@ -43,16 +43,22 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from .checkpoint import Converted, load_converted
-from .config import (DEFAULT_DURATION_POLICY, DEFAULT_SEED, DEFAULT_TOTAL_DURATION_S, DURATION_POLICIES,
-                     MAX_DURATION_S, MAX_NEW_TOKENS)
+from ..model.checkpoint import Converted, load_converted
+from ..model.config import (
+    DEFAULT_DURATION_POLICY,
+    DEFAULT_SEED,
+    DEFAULT_TOTAL_DURATION_S,
+    DURATION_POLICIES,
+    MAX_DURATION_S,
+    MAX_NEW_TOKENS,
+)
+from ..model.grammar import ClipSpan, PlanError, TokenIds, build_instruction, build_prompt, parse_plan
+from ..serving.processes import descendants, shm_mappings, unlink_unmapped_shm
 from . import script as script_mod
 from .audio_input import audio_block, continuation_instruction
-from .grammar import ClipSpan, PlanError, TokenIds, build_instruction, build_prompt, parse_plan
 from .engine_options import EngineOptions
 from .plan_tokens import PlanTokens
 from .script import ScriptClip
-from .serving.processes import descendants, shm_mappings, unlink_unmapped_shm
 
 MAX_SUMMARIES = 256     # plan summaries kept (the newest); older ones are dropped
 
@@ -151,7 +157,7 @@ class Planner:
 
     async def start(self, engine_metrics=None) -> "Planner":
         """Start the engines (or the remote tier's clients). ``engine_metrics``: a
-        :class:`~audiostory_ensemble.vllm_metrics.VllmMetrics` whose stat loggers the embedded
+        :class:`~audiostory_ensemble.llm.vllm_metrics.VllmMetrics` whose stat loggers the embedded
         engines report to (vLLM's engine statistics are off without it)."""
         o = self.options
         if o.remote:

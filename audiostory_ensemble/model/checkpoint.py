@@ -72,7 +72,7 @@ class Converted:
 
     def audio_encoder(self):
         """The Whisper encoder + resampler of audio continuation, or None for a text-only checkpoint."""
-        from .audio_input import AudioEncoder
+        from ..llm.audio_input import AudioEncoder
         if self.config.audio_tokens <= 0:
             return None
         return AudioEncoder(self.root / layout.AUDIO_ENCODER_DIR, self.root / layout.AUDIO_RESAMPLER_WEIGHTS,

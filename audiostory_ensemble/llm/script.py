@@ -25,9 +25,9 @@ import json
 import math
 from dataclasses import dataclass
 
-from .config import CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE, WAVE_SAMPLES
-from .grammar import clip_text, control_token_in
-from .post import render_seconds
+from ..model.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE, WAVE_SAMPLES
+from ..model.grammar import clip_text, control_token_in
+from ..model.post import render_seconds
 
 WINDOW_S = WAVE_SAMPLES / VAE_SAMPLE_RATE      # what one DiT clip can hold: 29.95 s
 MIN_SEGMENT_S = 0.1

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import names
-from .config import BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES
+from .. import names
+from ..model.config import BRIDGE_DIM, LATENT_CHANNELS, LATENT_FRAMES
 
 DIT_INPUTS = names.DIT_STEP_INPUTS
 DIT_OUTPUT = names.DIT_STEP_OUTPUT
@@ -69,7 +69,7 @@ class OnnxStepEngine(StepEngine):
     onnxruntime build has it: rows then cross to the device at every step)."""
 
     def __init__(self, path, capacity: int, num_tokens: int, threads: int = 0, device_id: int | None = None):
-        from .serving.onnx_runner import ort_session
+        from .onnx_runner import ort_session
 
         super().__init__(capacity, num_tokens)
         self.session = ort_session(path, threads, device_id)

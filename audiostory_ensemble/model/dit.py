@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from diffusers import FluxTransformer2DModel
+from torch import nn
 
 from .config import BRIDGE_DIM, ModelConfig
 

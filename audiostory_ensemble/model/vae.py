@@ -9,10 +9,11 @@ Output: ``wave [B, 2, 645 * 2048 = 1,320,960]`` at 44.1 kHz.
 from __future__ import annotations
 
 import torch
+from diffusers import AutoencoderOobleck
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.weight_norm import WeightNorm, remove_weight_norm as _remove_old_weight_norm
-from diffusers import AutoencoderOobleck
+from torch.nn.utils.weight_norm import WeightNorm
+from torch.nn.utils.weight_norm import remove_weight_norm as _remove_old_weight_norm
 
 from .config import ModelConfig
 

@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRITON_HOME = PROJECT_ROOT / "build" / "tritonserver"
 
 
@@ -175,7 +175,7 @@ class TritonServer:
     def _note_shm(self) -> None:
         """Record the server tree's processes and shared memory (the python backend's regions, the
         engines' queues): a server that crashed or was killed cannot remove them; :meth:`stop` does."""
-        from .serving.processes import descendants, shm_mappings
+        from .processes import descendants, shm_mappings
 
         if self.process is not None and self.process.poll() is None:
             tree = [self.process.pid, *descendants(self.process.pid)]
@@ -214,7 +214,7 @@ class TritonServer:
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM the server's process group, SIGKILL what is left after ``timeout``; then remove
         the shared memory the tree had mapped that nobody maps any more (after a crash or a kill)."""
-        from .serving.processes import unlink_unmapped_shm
+        from .processes import unlink_unmapped_shm
 
         self._note_shm()
         proc, self.process = self.process, None

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .serving.gates import TasksByKey
+from ..serving.gates import TasksByKey
 
 
 class RemoteEngineError(RuntimeError):

@@ -21,8 +21,8 @@ import soxr
 import torch
 from safetensors.torch import load_file
 
-from .config import AUDIO_INPUT_SAMPLE_RATE
-from .grammar import aud_run_text
+from ..model.config import AUDIO_INPUT_SAMPLE_RATE
+from ..model.grammar import aud_run_text
 
 
 def to_whisper_input(audio: np.ndarray, sample_rate: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .grammar import ClipSpan, NoClipError, PlanError, TokenIds, parse_clip_at
+from ..model.grammar import ClipSpan, NoClipError, PlanError, TokenIds, parse_clip_at
 
 
 @dataclass

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import OUTPUT_SAMPLE_RATE
-from .post import crossfade, place_on_timeline
+from ..model.config import OUTPUT_SAMPLE_RATE
+from ..model.post import crossfade, place_on_timeline
 
 
 @dataclass

@@ -133,7 +133,7 @@ AUDIO_ENCODER_DIR = "audio_encoder"
 AUDIO_RESAMPLER_WEIGHTS = "audio_resampler.safetensors"
 MANIFEST = "manifest.json"   # what wrote a folder (converted checkpoint, export) and from what
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Everything generated. AUDIOSTORY_BUILD moves it: the numpy-2 test run keeps its artefacts apart.
 BUILD = Path(os.environ["AUDIOSTORY_BUILD"]).resolve() if os.environ.get("AUDIOSTORY_BUILD") else PROJECT_ROOT / "build"
 
