@@ -1,4 +1,9 @@
-"""Flow-matching schedule, initial noise and the host-side loop driving ``GuidedEulerStep``.
+"""Flow-matching schedule, initial noise and the plain loop over ``GuidedEulerStep``.
+
+The served loop is :mod:`audiostory_ensemble.serving.scheduler` (every clip in flight stepped in one
+engine call, each at its own sigma); :func:`sample_latent` is the same update for one batch in
+lockstep, the yardstick the scheduler and the exported step graph are checked against. The
+reference pipeline keeps its own loop on diffusers' scheduler, as the official code runs it.
 
 Reproduces TangoFlux/AudioStory ``inference_flow*``: ``FlowMatchEulerDiscreteScheduler`` (shift 1,
 1000 train steps) with ``sigmas = linspace(1, 1/n, n)``, Euler updates, CFG on ``[uncond; cond]``.
