@@ -13,9 +13,11 @@ continuations continue one second of a tone.
 
 It starts its own tritonserver (the repository from ``make repo``) so that it can read the memory
 of the whole tree: the resident set of the server, of each python stub (by model), of the vLLM
-engine processes and of the rest, and ``/dev/shm``. Memory is taken after a warm-up (first-use
-allocations), after request 100 of the first round, and at the end of every round; the report
-gives the growth over the first round from request 100 and over each later round. Writes
+engine processes and of the rest (proportional set, its anonymous and shared-memory parts, and
+the resident set), and ``/dev/shm``. Memory is taken after a warm-up (first-use allocations), after
+request 100 of the first round, and at the end of every round; the report gives the growth over
+the first round from request 100 and over each later round. The tree's total is the sum of the
+proportional sets: the resident sets count every shared page once per process that maps it. Writes
 ``build/bench/soak_<model>.json`` and prints it.
 """
 
@@ -49,14 +51,25 @@ SCRIPT_CAPTIONS = ("a door creaks open", "footsteps on gravel", "a dog barks twi
 # Memory of the server's tree, by process
 # ------------------------------------------------------------------------------------------------
 
-def _rss_kib(pid: int) -> int:
+MEASURES = {"pss": "Pss", "anon": "Pss_Anon", "shmem": "Pss_Shmem", "rss": "Rss"}
+
+
+def _memory_kib(pid: int) -> dict[str, int]:
+    """A process's memory (``/proc/PID/smaps_rollup``): its proportional set (``pss``: a shared page
+    counts a 1/n share in each of the n processes mapping it, so the sum over processes is what
+    the tree uses), of that the anonymous part (``anon``: heaps, Python's included) and the shared
+    memory part (``shmem``: the python backend's pool, vLLM's buffers), and the resident set
+    (``rss``: as ``ps`` shows it, shared pages counted in full in every process)."""
+    out = dict.fromkeys(MEASURES, 0)
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]   # after the address line
+        fields = dict(line.split(":", 1) for line in lines if ":" in line)
     except OSError:
-        pass
-    return 0
+        return out
+    for key, name in MEASURES.items():
+        if name in fields:
+            out[key] = int(fields[name].split()[0])
+    return out
 
 
 def _role(pid: int, server_pid: int) -> str:
@@ -75,24 +88,30 @@ def _role(pid: int, server_pid: int) -> str:
     return "other"
 
 
-def tree_memory_mib(server_pid: int) -> dict[str, float]:
-    """Resident MiB by role (shared pages counted in each process, as ``ps`` does), and the total."""
-    out: dict[str, float] = {}
+def tree_memory_mib(server_pid: int) -> dict[str, dict[str, float]]:
+    """MiB by measure (see :func:`_memory_kib`), then by role, with each measure's total."""
+    out: dict[str, dict[str, float]] = {key: {} for key in MEASURES}
     for pid in [server_pid, *descendants(server_pid)]:
         role = _role(pid, server_pid)
-        out[role] = out.get(role, 0.0) + _rss_kib(pid) / 1024
-    out = {k: round(v, 1) for k, v in sorted(out.items())}
-    out["total"] = round(sum(out.values()), 1)
+        for key, kib in _memory_kib(pid).items():
+            out[key][role] = out[key].get(role, 0.0) + kib / 1024
+    for key, by_role in out.items():
+        out[key] = {k: round(v, 1) for k, v in sorted(by_role.items())}
+        out[key]["total"] = round(sum(by_role.values()), 1)
     return out
 
 
-def shm_mib() -> float:
-    return round(sum(f.stat().st_size for f in Path("/dev/shm").iterdir() if f.is_file()) / 2**20, 1)
+def shm_mib() -> dict[str, float]:
+    """``/dev/shm``: the segments' sizes and the memory they hold (pages written)."""
+    files = [f.stat() for f in Path("/dev/shm").iterdir() if f.is_file()]
+    return {"size": round(sum(st.st_size for st in files) / 2**20, 1),
+            "used": round(sum(st.st_blocks * 512 for st in files) / 2**20, 1)}
 
 
-def growth(a: dict, b: dict) -> dict[str, float]:
-    """Relative growth per role from ``a`` to ``b`` (roles in both)."""
-    return {k: round((b[k] - a[k]) / a[k], 4) for k in a if k in b and a[k] > 0}
+def growth(a: dict, b: dict) -> dict[str, dict[str, float]]:
+    """Relative growth from ``a`` to ``b``, by measure and role (roles in both)."""
+    return {key: {k: round((b[key][k] - a[key][k]) / a[key][k], 4) for k in a[key] if k in b[key] and a[key][k] > 0}
+            for key in a}
 
 
 # ------------------------------------------------------------------------------------------------
