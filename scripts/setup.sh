@@ -24,10 +24,10 @@ log() { printf '[setup] %s\n' "$*"; }
 stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
 
 # 1. Debian packages the server and perf_analyzer link against, the headless browser the web
-#    playground's test drives, FFmpeg for the dubbing client, and Prometheus (with promtool) for
-#    the observability tests and the rule checks. --no-upgrade keeps apt from replacing the system Python packages.
+#    playground's test drives, FFmpeg for the dubbing client, Prometheus (with promtool) for
+#    the observability tests and the rule checks, and jemalloc (the server's allocator). --no-upgrade keeps apt from replacing the system Python packages.
 apt_needed=()
-for pkg in libb64-0d libpython3.11 chromium chromium-driver ffmpeg prometheus; do
+for pkg in libb64-0d libpython3.11 libjemalloc2 chromium chromium-driver ffmpeg prometheus; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || apt_needed+=("$pkg")
 done
 if [ ${#apt_needed[@]} -gt 0 ]; then

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from audiostory_ensemble.serving.triton_server import GRPC_ADMIN_HEADER, TritonServer, TritonServerError
+from audiostory_ensemble.serving.processes import descendants
+from audiostory_ensemble.serving.triton_server import GRPC_ADMIN_HEADER, TritonServer, TritonServerError, server_env
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -66,3 +67,21 @@ def test_apis_that_take_host_paths_need_the_admin_header(smoke_server):
 def test_bad_repository_is_a_clear_error(tmp_path):
     with pytest.raises(TritonServerError, match="does not exist"):
         TritonServer(tmp_path / "missing").start(timeout=5)
+
+
+def _maps_jemalloc(pid: int) -> bool:
+    return "libjemalloc" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_server_and_its_stub_run_on_jemalloc_and_the_choice_is_checked(smoke_server):
+    """glibc's malloc let the server's memory grow over a soak (benchmarks/README); setup installs
+    jemalloc and the server helper preloads it into the server, hence into every stub."""
+    tree = [smoke_server.process.pid, *descendants(smoke_server.process.pid)]
+    assert len(tree) >= 2                                   # the server and the stack_info stub
+    assert [pid for pid in tree if not _maps_jemalloc(pid)] == []
+    assert "libjemalloc" not in server_env(base={"AUDIOSTORY_ALLOCATOR": "system"}).get("LD_PRELOAD", "")
+    env = server_env(base={"LD_PRELOAD": "libother.so"})
+    assert env["LD_PRELOAD"].split(":")[1:] == ["libother.so"] and "jemalloc" in env["LD_PRELOAD"]
+    assert server_env(base=env)["LD_PRELOAD"] == env["LD_PRELOAD"]     # preloaded once
+    with pytest.raises(ValueError, match="AUDIOSTORY_ALLOCATOR must be one of jemalloc, system, not 'tcmalloc'"):
+        server_env(base={"AUDIOSTORY_ALLOCATOR": "tcmalloc"})

@@ -8,13 +8,22 @@ Why the environment matters (Triton 2.51 taken out of the nvidia-pytriton wheel)
   the python-backend stub loads a mismatched libpython.
 - The stub's embedded interpreter ignores ``PYTHONPATH`` and finds its packages through the first
   ``python3`` on ``PATH``: the project venv's ``bin`` goes first.
+- The allocator: glibc's malloc fragments under the server's traffic (large response buffers made
+  and freed on many threads), so the server's anonymous memory kept growing over a soak; Triton's
+  own documentation recommends jemalloc or tcmalloc for that. When ``libjemalloc.so.2`` is
+  installed (``make setup`` installs it) it is preloaded into the server, and so into every stub
+  and vLLM engine it starts; ``AUDIOSTORY_ALLOCATOR=system`` keeps glibc's.
 - The server runs in its own session (``setsid``) so that a signal to the caller's process group
   does not reach engine subprocesses directly; :meth:`TritonServer.stop` signals the whole group.
+
+Why this module is a little over 300 lines: it is also the ``make serve`` command (:func:`main`),
+kept beside the class it drives so that the command and the fixtures start the server one way.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import os
 import secrets
 import signal
@@ -29,6 +38,8 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRITON_HOME = PROJECT_ROOT / "build" / "tritonserver"
+ALLOCATORS = ("jemalloc", "system")
+JEMALLOC_CONF = "background_thread:true"    # return freed pages to the system from a thread of its own
 
 
 # APIs that take paths or names of host resources from the caller (shared-memory regions, trace
@@ -61,6 +72,13 @@ def server_env(triton_home: Path = DEFAULT_TRITON_HOME, base: dict | None = None
     # The stub starts with an ASCII locale; vLLM/torch templates need UTF-8.
     env.setdefault("LC_ALL", "C.UTF-8")
     env.setdefault("LANG", "C.UTF-8")
+    allocator = env.get("AUDIOSTORY_ALLOCATOR", "jemalloc")
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"AUDIOSTORY_ALLOCATOR must be one of {', '.join(ALLOCATORS)}, not {allocator!r}")
+    jemalloc = ctypes.util.find_library("jemalloc") if allocator == "jemalloc" else None
+    if jemalloc and jemalloc not in env.get("LD_PRELOAD", "").split(":"):
+        env["LD_PRELOAD"] = ":".join(p for p in (jemalloc, env.get("LD_PRELOAD", "")) if p)
+        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     return env
 
 
