@@ -94,51 +94,44 @@ exec "$PERF_VENV/bin/perf_analyzer" "\$@"
 EOF
 chmod +x "$BUILD/bin/perf_analyzer"
 
-# 5. The web playground (gradio, selenium) in its own venv layered over the project venv, so its
-#    pins (pillow, pandas) never touch the serving stack's.
-WEB_VENV="$BUILD/web-venv"
-web_hash=$(cat requirements-web.lock "$VENV/.setup-stamp" | sha256sum | cut -c1-16)
-if ! stamp_ok "$WEB_VENV/.setup-stamp" "$web_hash"; then
-  log "web venv: requirements-web.lock"
-  rm -rf "$WEB_VENV"
-  "$PY" -m venv "$WEB_VENV"
-  web_sp=$("$WEB_VENV/bin/python" -c "import site; print(site.getsitepackages()[0])")
-  main_sp=$("$VENV/bin/python" -c "import site; print(site.getsitepackages()[0])")
-  printf '%s\n%s\n' "$main_sp" "$ROOT" > "$web_sp/audiostory_project.pth"
-  "$WEB_VENV/bin/pip" install -q --no-deps -r requirements-web.lock
-  "$WEB_VENV/bin/python" -c "import gradio, selenium, client.api" \
-    || { echo "setup: the web venv does not import its key packages" >&2; exit 1; }
-  echo "$web_hash" > "$WEB_VENV/.setup-stamp"
-fi
+# 5-7. Venvs of their own, each from one lock file and rebuilt when its inputs change:
+#   side_venv LABEL DIR HASH LOCK CHECK [over-project]
+# CHECK is a shell command run with the venv's bin first on PATH; "over-project" layers the venv
+# over the project venv (a .pth file naming its site-packages and the project root).
+side_venv() {
+  local label=$1 dir=$2 hash=$3 lock=$4 check=$5 layer=${6:-}
+  if stamp_ok "$dir/.setup-stamp" "$hash"; then
+    return 0
+  fi
+  log "$label venv: $lock"
+  rm -rf "$dir"
+  "$PY" -m venv "$dir"
+  if [ "$layer" = over-project ]; then
+    local own_sp main_sp
+    own_sp=$("$dir/bin/python" -c "import site; print(site.getsitepackages()[0])")
+    main_sp=$("$VENV/bin/python" -c "import site; print(site.getsitepackages()[0])")
+    printf '%s\n%s\n' "$main_sp" "$ROOT" > "$own_sp/audiostory_project.pth"
+  fi
+  "$dir/bin/pip" install -q --no-deps -r "$lock"
+  (PATH="$dir/bin:$PATH" && eval "$check") || { echo "setup: the $label venv does not work" >&2; exit 1; }
+  echo "$hash" > "$dir/.setup-stamp"
+}
+
+# 5. The web playground (gradio, selenium) layered over the project venv, so its pins (pillow,
+#    pandas) never touch the serving stack's.
+side_venv web "$BUILD/web-venv" "$(cat requirements-web.lock "$VENV/.setup-stamp" | sha256sum | cut -c1-16)" \
+  requirements-web.lock 'python -c "import gradio, selenium, client.api"' over-project
 
 # 6. The deployment checks (deploy/check.py): helm's engine (helm-python-sdk), Kubernetes schemas
-#    (kubernetes-validate), hadolint, check-jsonschema — a standalone venv, nothing shared.
-DEPLOY_VENV="$BUILD/deploy-venv"
-deploy_hash=$(cat requirements-deploy.lock | sha256sum | cut -c1-16)
-if ! stamp_ok "$DEPLOY_VENV/.setup-stamp" "$deploy_hash"; then
-  log "deploy venv: requirements-deploy.lock"
-  rm -rf "$DEPLOY_VENV"
-  "$PY" -m venv "$DEPLOY_VENV"
-  "$DEPLOY_VENV/bin/pip" install -q --no-deps -r requirements-deploy.lock
-  "$DEPLOY_VENV/bin/python" -c "import helm_python, kubernetes_validate, yaml" \
-    && "$DEPLOY_VENV/bin/hadolint" --version >/dev/null \
-    || { echo "setup: the deploy venv does not work" >&2; exit 1; }
-  echo "$deploy_hash" > "$DEPLOY_VENV/.setup-stamp"
-fi
+#    (kubernetes-validate), hadolint, check-jsonschema.
+side_venv deploy "$BUILD/deploy-venv" "$(sha256sum < requirements-deploy.lock | cut -c1-16)" \
+  requirements-deploy.lock 'python -c "import helm_python, kubernetes_validate, yaml" && hadolint --version >/dev/null'
 
 # 7. The numpy-2 test venv (requirements-numpy2.lock: the GPU image's numpy, torch, transformers,
 #    diffusers, onnx, tritonclient; onnxruntime and torch as CPU builds): tests/test_numpy2.py runs
-#    the tests that need neither tritonserver nor vLLM in it. Standalone, nothing shared.
-NUMPY2_VENV="$BUILD/numpy2-venv"
-numpy2_hash=$(cat requirements-numpy2.lock | sha256sum | cut -c1-16)
-if ! stamp_ok "$NUMPY2_VENV/.setup-stamp" "$numpy2_hash"; then
-  log "numpy-2 venv: requirements-numpy2.lock"
-  rm -rf "$NUMPY2_VENV"
-  "$PY" -m venv "$NUMPY2_VENV"
-  "$NUMPY2_VENV/bin/pip" install -q --no-deps -r requirements-numpy2.lock
-  "$NUMPY2_VENV/bin/python" -c "import numpy, torch, transformers, diffusers, onnx, onnxruntime, soxr, soundfile, tritonclient.grpc, tritonclient.http, pytest; assert numpy.__version__.startswith('2.'), numpy.__version__" \
-    || { echo "setup: the numpy-2 venv does not work" >&2; exit 1; }
-  echo "$numpy2_hash" > "$NUMPY2_VENV/.setup-stamp"
-fi
+#    the tests that need neither tritonserver nor vLLM in it.
+side_venv numpy-2 "$BUILD/numpy2-venv" "$(sha256sum < requirements-numpy2.lock | cut -c1-16)" \
+  requirements-numpy2.lock \
+  'python -c "import numpy, torch, transformers, diffusers, onnx, onnxruntime, soxr, soundfile, tritonclient.grpc, tritonclient.http, pytest; assert numpy.__version__.startswith(\"2.\"), numpy.__version__"'
 
 log "done: venv $(du -sh "$VENV" | cut -f1), tritonserver $(du -sh "$TRITON_DIR" | cut -f1)"
