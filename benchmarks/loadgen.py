@@ -216,22 +216,23 @@ def plot(report: dict, path: Path) -> None:
 
     levels = [r["concurrency"] for r in report["levels"]]
     b = report["baseline"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(levels, [r["audio_s_per_s"] for r in report["levels"]], "o-", label="served")
-    ax1.axhline(b["audio_s_per_s"], color="gray", linestyle="--", label="reference (sequential)")
-    ax1.set_xlabel("concurrency")
-    ax1.set_ylabel("audio seconds per wall second")
-    ax1.set_xscale("log", base=2)
-    ax1.legend()
-    ax1.set_title("throughput")
-    ax2.plot(levels, [r["ttfc_p50_s"] for r in report["levels"]], "o-", label="served TTFC p50")
-    ax2.plot(levels, [r["ttfc_p90_s"] for r in report["levels"]], "o:", label="served TTFC p90")
-    ax2.axhline(b["ttfc_p50_s"], color="gray", linestyle="--", label="reference (whole story)")
-    ax2.set_xlabel("concurrency")
-    ax2.set_ylabel("seconds")
-    ax2.set_xscale("log", base=2)
-    ax2.legend()
-    ax2.set_title("time to first clip")
+    panels = (  # title, y label, the served series (key, style, label), the reference's line
+        ("throughput", "audio seconds per wall second",
+         [("audio_s_per_s", "o-", "served")], ("audio_s_per_s", "reference (sequential)")),
+        ("time to first clip", "seconds",
+         [("ttfc_p50_s", "o-", "served TTFC p50"), ("ttfc_p90_s", "o:", "served TTFC p90")],
+         ("ttfc_p50_s", "reference (whole story)")),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 4))
+    for ax, (title, ylabel, series, (ref_key, ref_label)) in zip(axes, panels):
+        for key, style, label in series:
+            ax.plot(levels, [r[key] for r in report["levels"]], style, label=label)
+        ax.axhline(b[ref_key], color="gray", linestyle="--", label=ref_label)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log", base=2)
+        ax.legend()
+        ax.set_title(title)
     fig.suptitle(f"AudioStory {report['model']} — {report['machine']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -9,6 +9,10 @@ to N, computed once here from the T5 weights inside the checkpoint, so T5 never 
 
 Every key of ``pytorch_model.bin`` is accounted for: an unconsumed or missing key is an error that
 names it. Skipped when the sources and this converter are unchanged (``manifest.json``).
+
+Why this module is over 300 lines: one converter for the whole release, on purpose. A single
+``KeyLedger`` goes through every part (LLM, bridge, DiT, T5, audio encoder, VAE) so that a key no
+part consumed is an error; the parts are functions in the order the release is read.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ class KeyLedger:
             raise ConversionError(f"no keys with prefix {prefix!r} in pytorch_model.bin")
         self.taken.update(prefix + k for k in out)
         return out
+
+    def take_renamed(self, prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
+        """Every key under each release prefix, renamed to our prefix (``{ours: release}``)."""
+        return {ours + k: v for ours, prefix in prefixes.items() for k, v in self.take_prefix(prefix).items()}
 
     def check_all_taken(self) -> None:
         left = sorted(set(self.state) - self.taken)
@@ -227,20 +235,11 @@ def convert_llm(ledger: KeyLedger, hydra: dict, release: Path, out: Path) -> dic
 # Bridge, DiT, T5 (uncond tokens), VAE
 # ---------------------------------------------------------------------------------------------
 
-def convert_bridge(ledger: KeyLedger) -> dict[str, torch.Tensor]:
-    out = {}
-    for ours, prefix in (("projector.", layout.PROJECTOR_PREFIX), ("audio_projector.", layout.AUDIO_PROJECTOR_PREFIX),
-                         ("fusion.", layout.FUSION_PREFIX)):
-        out.update({ours + k: v for k, v in ledger.take_prefix(prefix).items()})
-    return out
-
-
-def convert_dit(ledger: KeyLedger) -> dict[str, torch.Tensor]:
-    out = {}
-    for ours, prefix in (("transformer.", layout.DIT_PREFIX), ("fc.", layout.FC_PREFIX),
-                         ("duration_embedder.", layout.DURATION_PREFIX)):
-        out.update({ours + k: v for k, v in ledger.take_prefix(prefix).items()})
-    return out
+# Our module's prefix -> the release's, for the parts whose weights are only renamed.
+BRIDGE_PREFIXES = {"projector.": layout.PROJECTOR_PREFIX, "audio_projector.": layout.AUDIO_PROJECTOR_PREFIX,
+                   "fusion.": layout.FUSION_PREFIX}
+DIT_PREFIXES = {"transformer.": layout.DIT_PREFIX, "fc.": layout.FC_PREFIX,
+                "duration_embedder.": layout.DURATION_PREFIX}
 
 
 def t5_folder(release: Path) -> Path | None:
@@ -382,11 +381,11 @@ def convert(release: Path, out: Path, model: str, force: bool = False) -> Path:
 
     convert_llm(ledger, hydra, release, out)
 
-    bridge_state = convert_bridge(ledger)
+    bridge_state = ledger.take_renamed(BRIDGE_PREFIXES)
     _load_strict(Bridge(cfg.llm.hidden_size, cfg.bridge_heads, cfg.t5_feature_scale), bridge_state, "bridge")
     save_file({k: v.contiguous() for k, v in bridge_state.items()}, str(out / layout.BRIDGE_WEIGHTS))
 
-    dit_state = convert_dit(ledger)
+    dit_state = ledger.take_renamed(DIT_PREFIXES)
     _load_strict(AudioDiT(cfg), dit_state, "dit")
     save_file({k: v.contiguous() for k, v in dit_state.items()}, str(out / layout.DIT_WEIGHTS))
 

@@ -37,32 +37,30 @@ PIPELINE = (names.LLM, names.BRIDGE, names.SAMPLER, names.DIT_STEP, names.VAE, I
             I.FULL_MODEL)      # the template folders, by the names their models are served under
 ONNX_MODEL_PY = TEMPLATES / "onnx_graph.py"   # the cpu form of dit_step and vae_decoder: one ONNX graph
 
+# What both profiles set alike; each profile below says only where it differs. Placement: the GPUs
+# vLLM sees (several for tensor_parallel_size > 1), and the GPUs the DiT-step / VAE instances go on
+# ([] = Triton's default: `count` instances on every GPU).
+_SHARED = {
+    "dit_min_batch": 1, "dit_max_batch": 16, "dit_queue_delay_us": 0, "dit_instances": 1,
+    "vae_max_batch": 4, "vae_instances": 1, "bridge_instances": 1, "stream_instances": 1,
+    "max_clips_in_flight": 64, "limits": {}, "llm_gpus": [], "dit_gpus": [], "vae_gpus": [],
+}
 PROFILES = {
     "cpu": {
-        "dit_engine": "onnx", "dit_min_batch": 1,
-        "dit_max_batch": 16, "dit_queue_delay_us": 0, "dit_instances": 1, "dit_threads": 2,
-        "vae_max_batch": 4, "vae_queue_delay_us": 2000, "vae_instances": 1, "vae_threads": 2,
-        "bridge_instances": 1, "full_instances": 4, "clips_in_flight_per_request": 1,
-        "max_clips_in_flight": 64, "stream_instances": 1, "bls_timeout_s": 30,
+        **_SHARED,
+        "dit_engine": "onnx", "dit_threads": 2, "vae_queue_delay_us": 2000, "vae_threads": 2,
+        "full_instances": 4, "clips_in_flight_per_request": 1, "bls_timeout_s": 30,
         "full_max_queue": 16, "full_queue_timeout_s": 120,
         "engine_options": {"dtype": "float32", "max_model_len": 2048, "kv_cache_gib": 1, "enforce_eager": True},
-        "limits": {},
-        "llm_gpus": [], "dit_gpus": [], "vae_gpus": [],
     },
     "gpu": {
-        "dit_engine": "triton", "dit_min_batch": 1,
-        "dit_max_batch": 16, "dit_queue_delay_us": 0, "dit_instances": 1, "dit_threads": 0,
-        "vae_max_batch": 4, "vae_queue_delay_us": 1000, "vae_instances": 1, "vae_threads": 0,
-        "bridge_instances": 1, "full_instances": 8, "clips_in_flight_per_request": 2,
-        "max_clips_in_flight": 64, "stream_instances": 1, "bls_timeout_s": 10,
+        **_SHARED,
+        "dit_engine": "triton", "dit_threads": 0, "vae_queue_delay_us": 1000, "vae_threads": 0,
+        "full_instances": 8, "clips_in_flight_per_request": 2, "bls_timeout_s": 10,
         "full_max_queue": 64, "full_queue_timeout_s": 60,
         "engine_options": {"dtype": "bfloat16", "max_model_len": 4096, "generate_gpu_memory_utilization": 0.35,
                            "pooling_gpu_memory_utilization": 0.15, "enforce_eager": False},
         "engines": {"dit_step": None, "vae_decoder": None},   # plan file names, from engines.json
-        "limits": {},
-        # Placement: the GPUs vLLM sees (several for tensor_parallel_size > 1), and the GPUs the
-        # DiT-step / VAE instances go on ([] = Triton's default: `count` instances on every GPU).
-        "llm_gpus": [], "dit_gpus": [], "vae_gpus": [],
     },
 }
 
