@@ -11,6 +11,12 @@ MODEL="${AUDIOSTORY_MODEL:-full}"
 SETTINGS="${AUDIOSTORY_SETTINGS:-}"
 mkdir -p "$CACHE"
 cd "${AUDIOSTORY_HOME:-/opt/audiostory}"
+
+# The server's allocator, by the rule the server helper follows (audiostory_ensemble/serving/
+# allocator.py): jemalloc, which the Triton image ships, preloaded into tritonserver;
+# AUDIOSTORY_ALLOCATOR=system keeps glibc's malloc; any other value stops here, before the build.
+allocator_env="$(python3 -m audiostory_ensemble.serving.allocator)"
+
 ln -sfn "$CACHE" build
 
 python3 export/convert_checkpoint.py --model "$MODEL" --release "$AUDIOSTORY_CHECKPOINT"
@@ -22,22 +28,8 @@ if [[ -n "$SETTINGS" ]]; then
 fi
 python3 export/make_repo.py "${repo_args[@]}"
 
-# The allocator, as the server helper chooses it (audiostory_ensemble/serving/triton_server.py):
-# jemalloc, which the Triton image ships, preloaded into the server and every process it starts;
-# AUDIOSTORY_ALLOCATOR=system keeps glibc's malloc.
-ALLOCATOR="${AUDIOSTORY_ALLOCATOR:-jemalloc}"
-case "$ALLOCATOR" in
-    jemalloc)
-        JEMALLOC="$(ldconfig -p | awk '/libjemalloc\.so/ && !found {print $NF; found = 1}' || true)"
-        if [[ -n "$JEMALLOC" ]]; then
-            export LD_PRELOAD="$JEMALLOC${LD_PRELOAD:+:$LD_PRELOAD}"
-            export MALLOC_CONF="${MALLOC_CONF:-background_thread:true}"
-        else
-            echo "entrypoint: jemalloc not found; the server runs on glibc's malloc" >&2
-        fi ;;
-    system) ;;
-    *) echo "entrypoint: AUDIOSTORY_ALLOCATOR must be jemalloc or system, not '$ALLOCATOR'" >&2; exit 2 ;;
-esac
+# The allocator, chosen above, for the server and every process it starts.
+eval "$allocator_env"
 
 # The APIs that take host paths or change the server stay behind an admin header.
 TOKEN="${AUDIOSTORY_ADMIN_TOKEN:-$(python3 -c 'import secrets; print(secrets.token_hex(16))')}"

@@ -85,3 +85,37 @@ def test_the_server_and_its_stub_run_on_jemalloc_and_the_choice_is_checked(smoke
     assert server_env(base=env)["LD_PRELOAD"] == env["LD_PRELOAD"]     # preloaded once
     with pytest.raises(ValueError, match="AUDIOSTORY_ALLOCATOR must be one of jemalloc, system, not 'tcmalloc'"):
         server_env(base={"AUDIOSTORY_ALLOCATOR": "tcmalloc"})
+
+
+def _entrypoint_allocator(env_extra: dict) -> tuple[int, dict, str]:
+    """Run the container entrypoint's own allocator lines (the ones that name ``allocator_env``)
+    under bash, as the entrypoint does, and return its exit status, the variables it exported
+    and its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    lines = [ln for ln in (root / "deploy" / "entrypoint.sh").read_text().splitlines()
+             if "allocator_env" in ln and not ln.lstrip().startswith("#")]
+    assert len(lines) == 2, lines                       # computed early, applied before exec
+    script = "set -euo pipefail\n" + "\n".join(lines) + '\nprintf "%s\\n%s\\n" "${LD_PRELOAD:-}" "${MALLOC_CONF:-}"\n'
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env_extra}
+    r = subprocess.run(["bash", "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    preload, conf = (r.stdout.splitlines() + ["", ""])[:2]
+    return r.returncode, {"LD_PRELOAD": preload, "MALLOC_CONF": conf}, r.stderr
+
+
+@pytest.mark.parametrize("base", [{}, {"AUDIOSTORY_ALLOCATOR": "system"}, {"LD_PRELOAD": "libother.so"},
+                                  {"MALLOC_CONF": "narenas:2"}])
+def test_the_container_entrypoint_chooses_the_allocator_by_the_helpers_rule(base):
+    rc, exported, err = _entrypoint_allocator(base)
+    assert rc == 0, err
+    helper = server_env(base=base)
+    assert exported == {k: helper.get(k, "") for k in exported}
+    assert ("libjemalloc" in exported["LD_PRELOAD"]) == (base.get("AUDIOSTORY_ALLOCATOR") != "system")
+
+
+def test_the_container_entrypoint_refuses_an_unknown_allocator():
+    rc, _, err = _entrypoint_allocator({"AUDIOSTORY_ALLOCATOR": "tcmalloc"})
+    assert rc == 2 and "AUDIOSTORY_ALLOCATOR must be one of jemalloc, system, not 'tcmalloc'" in err

@@ -16,5 +16,6 @@ it is importable and testable anywhere (the ``model.py`` files pass numpy arrays
   in ``step_engines``;
 - ``control``: cancelling a story across the stages; ``metrics``: the stages' Triton metrics;
 - ``stitch``: collecting streamed clips into the story (the client and ``audiostory_full``);
+- ``allocator``: jemalloc or glibc's malloc for the server (the helper's and the container's rule);
 - ``triton_server``: starting and stopping a ``tritonserver`` (``python -m
   audiostory_ensemble.serving.triton_server``)."""

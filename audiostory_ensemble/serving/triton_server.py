@@ -8,11 +8,8 @@ Why the environment matters (Triton 2.51 taken out of the nvidia-pytriton wheel)
   the python-backend stub loads a mismatched libpython.
 - The stub's embedded interpreter ignores ``PYTHONPATH`` and finds its packages through the first
   ``python3`` on ``PATH``: the project venv's ``bin`` goes first.
-- The allocator: glibc's malloc fragments under the server's traffic (large response buffers made
-  and freed on many threads), so the server's anonymous memory kept growing over a soak; Triton's
-  own documentation recommends jemalloc or tcmalloc for that. When ``libjemalloc.so.2`` is
-  installed (``make setup`` installs it) it is preloaded into the server, and so into every stub
-  and vLLM engine it starts; ``AUDIOSTORY_ALLOCATOR=system`` keeps glibc's.
+- The allocator (:mod:`.allocator`): jemalloc preloaded into the server, and so into every stub
+  and vLLM engine it starts, unless ``AUDIOSTORY_ALLOCATOR=system``.
 - The server runs in its own session (``setsid``) so that a signal to the caller's process group
   does not reach engine subprocesses directly; :meth:`TritonServer.stop` signals the whole group.
 
@@ -23,7 +20,6 @@ kept beside the class it drives so that the command and the fixtures start the s
 from __future__ import annotations
 
 import argparse
-import ctypes.util
 import os
 import secrets
 import signal
@@ -36,10 +32,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from audiostory_ensemble.serving.allocator import preload_env
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRITON_HOME = PROJECT_ROOT / "build" / "tritonserver"
-ALLOCATORS = ("jemalloc", "system")
-JEMALLOC_CONF = "background_thread:true"    # return freed pages to the system from a thread of its own
 
 
 # APIs that take paths or names of host resources from the caller (shared-memory regions, trace
@@ -72,13 +68,7 @@ def server_env(triton_home: Path = DEFAULT_TRITON_HOME, base: dict | None = None
     # The stub starts with an ASCII locale; vLLM/torch templates need UTF-8.
     env.setdefault("LC_ALL", "C.UTF-8")
     env.setdefault("LANG", "C.UTF-8")
-    allocator = env.get("AUDIOSTORY_ALLOCATOR", "jemalloc")
-    if allocator not in ALLOCATORS:
-        raise ValueError(f"AUDIOSTORY_ALLOCATOR must be one of {', '.join(ALLOCATORS)}, not {allocator!r}")
-    jemalloc = ctypes.util.find_library("jemalloc") if allocator == "jemalloc" else None
-    if jemalloc and jemalloc not in env.get("LD_PRELOAD", "").split(":"):
-        env["LD_PRELOAD"] = ":".join(p for p in (jemalloc, env.get("LD_PRELOAD", "")) if p)
-        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    env.update(preload_env(env))
     return env
 
 
@@ -279,20 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
-    p.add_argument("--log", default=None, help="server log file (default: next to the repository)")
+    p.add_argument("--log", dest="log_path", default=None, help="server log file (default: next to the repository)")
     p.add_argument("--log-verbose", type=int, default=0)
-    p.add_argument("extra", nargs="*", help="extra tritonserver flags, after --")
-    args = p.parse_args(argv)
-    server = TritonServer(
-        args.model_repository,
-        address=args.address,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_path=args.log,
-        log_verbose=args.log_verbose,
-        extra_args=args.extra,
-    )
+    p.add_argument("extra_args", metavar="extra", nargs="*", help="extra tritonserver flags, after --")
+    args = vars(p.parse_args(argv))
+    timeout = args.pop("timeout")
+    server = TritonServer(**args)
     stop = {"now": False}
 
     def _on_signal(signum, frame):
@@ -300,9 +282,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    print(f"starting tritonserver on {args.model_repository} (log: {server.log_path})", flush=True)
+    print(f"starting tritonserver on {server.model_repository} (log: {server.log_path})", flush=True)
     try:
-        server.start(timeout=args.timeout)
+        server.start(timeout=timeout)
     except TritonServerError as e:
         print(str(e), file=sys.stderr)
         return 1
