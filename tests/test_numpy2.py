@@ -23,7 +23,8 @@ NUMPY2_LOCK = ROOT / "requirements-numpy2.lock"
 # The package's unit tests, the reference pipeline, the converter, the exporter and its checks, the
 # repository generator, the client, the DiT step scheduler (dit_sampler's loop in the image).
 SUBSET = [
-    "tests/test_grammar.py", "tests/test_serving.py", "tests/test_script.py", "tests/test_post.py",
+    "tests/test_grammar.py", "tests/test_serving.py", "tests/test_request.py", "tests/test_gates.py",
+    "tests/test_story_loop.py", "tests/test_script.py", "tests/test_post.py",
     "tests/test_client.py", "tests/test_modules.py", "tests/test_converter.py", "tests/test_export.py",
     "tests/test_interface.py", "tests/test_repo_config.py", "tests/test_reference.py", "tests/test_scheduler.py",
     "tests/test_planner.py::test_scale_to_total_scales_and_recomputes_starts",

@@ -1,7 +1,7 @@
 """What every ``model.py`` does with Triton's python backend, written once.
 
 ``pb_utils`` (``triton_python_backend_utils``) is passed in, never imported, so that this module
-imports and is tested anywhere (``tests/test_serving.py`` runs it on a small fake).
+imports and is tested anywhere (``tests/test_story_loop.py`` runs it on a small fake).
 """
 
 from __future__ import annotations

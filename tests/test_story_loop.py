@@ -1,0 +1,167 @@
+"""What every model.py does with the python backend (serving/adapter.py), the cancel fan-out
+(serving/control.py) and the front door's story loop (serving/story.py), on a small fake of
+``triton_python_backend_utils``: the orchestration, testable without a server."""
+import pytest
+
+from audiostory_ensemble.serving.request import RequestError
+
+
+class _FakeTriton:
+    """Just what serving.adapter uses of triton_python_backend_utils."""
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+    class TritonError:
+        INTERNAL, INVALID_ARG, UNAVAILABLE = "INTERNAL", "INVALID_ARG", "UNAVAILABLE"
+
+        def __init__(self, message, code="INTERNAL"):
+            self.message, self.code = message, code
+
+    class InferenceResponse:
+        def __init__(self, tensors=None, error=None):
+            self.tensors, self.error = tensors, error
+
+
+def test_model_parameters_are_read_one_way():
+    import json
+
+    from audiostory_ensemble.serving.adapter import Parameters
+
+    config = {"parameters": {"threads": {"string_value": "3"}, "limits": {"string_value": '{"max_steps": 9}'},
+                             "gpus": {"string_value": "[1, 2]"}, "poll_s": {"string_value": "0.5"}}}
+    p = Parameters({"model_config": json.dumps(config), "model_name": "bridge"})
+    assert (p.int("threads", 1), p.int("absent", 7), p.float("poll_s", 1.0), p.json("gpus", [])) == (3, 7, 0.5, [1, 2])
+    assert p.get("absent") is None and p.get("absent", "x") == "x" and p.json("absent", {}) == {}
+    assert p.limits().max_steps == 9 and p.limits().min_steps == 1
+    with pytest.raises(KeyError, match="bridge: the config has no parameter 'checkpoint'"):
+        p.require("checkpoint")
+
+
+def test_error_responses_carry_the_code_a_client_can_act_on():
+    from audiostory_ensemble.serving.adapter import error_response, send_error
+
+    pb = _FakeTriton
+    bad = error_response(pb, RequestError("SEED must be an integer"))
+    assert (bad.error.message, bad.error.code) == ("SEED must be an integer", "INVALID_ARG")
+    assert error_response(pb, RuntimeError("engine died")).error.code == "INTERNAL"
+    assert error_response(pb, "busy", pb.TritonError.UNAVAILABLE).error.code == "UNAVAILABLE"
+    sent = []
+
+    class Sender:
+        def send(self, response, flags=0):
+            sent.append((response, flags))
+    send_error(pb, Sender(), RequestError("x"))
+    assert sent[0][0].error.code == "INVALID_ARG" and sent[0][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def test_a_story_cancel_reaches_every_stage_at_once_and_reports_the_ones_that_failed():
+    import threading
+
+    from audiostory_ensemble.serving import control
+
+    arrived = {"llm": threading.Event(), "dit_sampler": threading.Event(), "bridge": threading.Event()}
+    sent = []
+
+    class Response:               # a response is its own error, as far as the caller reads it
+        def __init__(self, message=""):
+            self.text = message
+
+        def has_error(self):
+            return bool(self.text)
+
+        def error(self):
+            return self
+
+        def message(self):
+            return self.text
+
+    class Request:
+        def __init__(self, model_name, inputs, requested_output_names):
+            self.model, self.inputs = model_name, inputs
+
+        def exec(self, decoupled):
+            sent.append((self.model, self.inputs[0].name, self.inputs[0].value[0]))
+            arrived[self.model].set()
+            if self.model == "llm":       # the planner's abort is slow: the sampler must not wait for it
+                assert arrived["dit_sampler"].wait(10), "the sampler's cancel waited for the planner's"
+                return iter([Response()])
+            if self.model == "bridge":
+                raise RuntimeError("stub gone")
+            return iter([Response("busy")])
+
+    class Pb:
+        InferenceRequest = Request
+
+        class Tensor:
+            def __init__(self, name, value):
+                self.name, self.value = name, value
+
+    errors = control.cancel_story_sync(Pb, "k" * 32, ("llm", "dit_sampler", "bridge"))
+    assert sorted(m for m, _, _ in sent) == ["bridge", "dit_sampler", "llm"]
+    assert {(name, key) for _, name, key in sent} == {(control.CANCEL_INPUT, b"k" * 32)}
+    assert errors == ["dit_sampler: busy", "bridge: RuntimeError: stub gone"]
+
+
+def test_tasks_by_key_track_and_cancel_what_is_in_flight():
+    import asyncio
+
+    from audiostory_ensemble.serving.gates import TasksByKey
+
+    async def main():
+        reg = TasksByKey()
+        started = asyncio.Event()
+
+        async def work(key):
+            with reg.track(key):
+                started.set()
+                await asyncio.sleep(30)
+
+        a1, a2, b = (asyncio.ensure_future(work(k)) for k in ("a", "a", "b"))
+        await started.wait()
+        await asyncio.sleep(0)
+        assert len(reg) == 2
+        assert reg.cancel("a") == 2 and reg.cancel("nobody") == 0
+        await asyncio.gather(a1, a2, return_exceptions=True)
+        assert a1.cancelled() and a2.cancelled() and not b.done() and len(reg) == 1
+        reg.cancel("b", asyncio.get_running_loop())      # the thread-safe path
+        await asyncio.gather(b, return_exceptions=True)
+        assert b.cancelled() and len(reg) == 0
+
+    asyncio.run(main())
+
+
+def test_the_story_loop_starts_a_clip_per_plan_entry_and_ends_when_every_stream_has():
+    from audiostory_ensemble.serving import story
+
+    loop = story.StoryLoop("llm", "dit_sampler", timeout_s=30.0, started_at=100.0)
+    assert loop.response(story.PLAN, story.ENTRY) == story.Action("start_clip", tag="clip0")
+    assert loop.response(story.PLAN, story.ENTRY).tag == "clip1"
+    assert loop.response(story.PLAN, story.EMPTY) == story.WAIT          # the plan stream's final flag
+    assert loop.response("clip0", story.CLIP).kind == "send"
+    assert loop.response("clip0", story.EMPTY) == story.WAIT
+    assert loop.stream_ended() == story.WAIT                              # the plan's
+    assert loop.stream_ended() == story.WAIT                              # clip0's
+    assert loop.idle(now=110.0, cancelled=False) == story.WAIT
+    assert loop.response("clip1", story.CLIP).kind == "send"
+    assert loop.stream_ended() == story.Action("stop", reason="done")     # clip1's: nothing open
+    assert loop.clips == 2
+
+
+def test_the_story_loop_stops_for_a_cancel_a_timeout_or_a_stage_error_with_the_stage_named():
+    from audiostory_ensemble.serving import story
+
+    def fresh():
+        loop = story.StoryLoop("llm", "dit_sampler", timeout_s=30.0, started_at=100.0)
+        loop.response(story.PLAN, story.ENTRY)
+        return loop
+
+    assert fresh().idle(now=101.0, cancelled=True).reason == "cancelled"
+    assert fresh().response("clip0", story.CLIP, cancelled=True).reason == "cancelled"   # never sent
+    timeout = fresh().idle(now=130.5, cancelled=False)
+    assert (timeout.reason, timeout.message) == ("timeout", "story not finished within story_timeout_s = 30 s; "
+                                                            "cancelled")
+    planner = fresh().response(story.PLAN, story.ERROR, error="malformed plan at clip 0")
+    assert (planner.reason, planner.message) == ("error", "llm: malformed plan at clip 0")
+    sampler = fresh().response("clip0", story.ERROR, error="bridge: shape mismatch")
+    assert sampler.message == "dit_sampler: bridge: shape mismatch"
+    named = fresh().response("clip0", story.ERROR, error="dit_sampler: bad _META")
+    assert named.message == "dit_sampler: bad _META"                      # not named twice
