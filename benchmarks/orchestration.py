@@ -23,6 +23,9 @@ so nothing of the current package leaks into it). Per design and size:
   audio-s/s at concurrency 8, 50 steps.
 
 Writes ``build/bench/orchestration.json`` and ``.md``; the README of this folder has the results.
+
+Why this module is over 300 lines: one benchmark from the graphs it serves to the table it writes,
+so that one file says what each reported number measured.
 """
 
 from __future__ import annotations

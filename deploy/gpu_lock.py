@@ -22,6 +22,10 @@ that reach an index (PIP_INDEX_URL, certificates, proxy, timeouts) kept: a const
 local wheel folder meant for this host must not leak into the image's lock. `--use-feature=fast-deps`
 reads each wheel's METADATA with HTTP range requests where the index serves no metadata files
 (PEP 658); where neither works pip downloads the wheel, and the check still holds.
+
+
+Why this module is over 300 lines: resolution and check share the reading of pins and the image's
+environment markers; apart, the check could judge the lock by rules the resolution did not follow.
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ described by ``Flux_detokenizer/vae_config.json``, which only this stack reads.
 
 The output is cached by a content hash of these three scripts, ``tiny_story.py``, ``grammar.py``,
 the TINY sizes, the arguments and the library versions (``<out>/.content-hash``).
+
+Why this module is over 300 lines: the LLM and the audio half live in ``tiny_llm.py`` and
+``tiny_audio.py``; what is left is the release's own format (the LoRA-wrapped keys, the base folder,
+``config.yaml`` with every key the official loader reads), one description of one layout.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The main job: the filled repository on a real tritonserver (loopback), tiny checkpoint."""
+"""The main job: the filled repository on a real tritonserver (loopback), tiny checkpoint.
+
+Why this module is over 300 lines: every test here talks to one server, started once for the
+module (a minute on 2 cores, vLLM engines included); split in files, each would start its own.
+"""
 import threading
 from pathlib import Path
 

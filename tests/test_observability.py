@@ -2,7 +2,11 @@
 server (tiny model) while stories run; the test reads our metrics, Triton's and vLLM's back through
 Prometheus's HTTP API, evaluates the autoscaling queries the Prometheus adapter would send, the
 chart's recording and alerting rules (loaded by that Prometheus) and every panel of the Grafana
-dashboard. A query that names a series Prometheus does not have is a failure."""
+dashboard. A query that names a series Prometheus does not have is a failure.
+
+Why this module is over 300 lines: its tests share one server and one Prometheus scraping it,
+started once for the module; the queries the tests send are kept beside the fixtures they read.
+"""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,8 @@
-"""The vLLM planner (real engines, tiny checkpoint) against the reference's transformers generate."""
+"""The vLLM planner (real engines, tiny checkpoint) against the reference's transformers generate.
+
+Why this module is over 300 lines: every test here uses one planner whose vLLM engines start once
+for the module (the slowest start in the suite after the server's).
+"""
 import asyncio
 
 import numpy as np
