@@ -1,4 +1,5 @@
-"""What every model.py does with the python backend (serving/adapter.py), the cancel fan-out
+"""What every model.py does with the python backend (serving/adapter.py: parameters, error
+responses, a BLS request re-sent after silence), the cancel fan-out
 (serving/control.py) and the front door's story loop (serving/story.py), on a small fake of
 ``triton_python_backend_utils``: the orchestration, testable without a server."""
 import pytest
@@ -51,6 +52,70 @@ def test_error_responses_carry_the_code_a_client_can_act_on():
             sent.append((response, flags))
     send_error(pb, Sender(), RequestError("x"))
     assert sent[0][0].error.code == "INVALID_ARG" and sent[0][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _bls_fake(answers: list):
+    """A python backend whose BLS requests take their answers, in order, from ``answers``:
+    "silent" (no answer), "error", or an array (the output)."""
+    import asyncio
+
+    sent = []
+
+    class Result:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def has_error(self):
+            return isinstance(self.answer, str)
+
+        def error(self):
+            return type("E", (), {"message": lambda _self: "model instance failed"})()
+
+    class Request:
+        def __init__(self, model_name, inputs, requested_output_names):
+            sent.append((model_name, inputs, requested_output_names))
+            self.answer = answers[len(sent) - 1]
+
+        async def async_exec(self):
+            if isinstance(self.answer, str) and self.answer == "silent":
+                await asyncio.sleep(3600)
+            return Result(self.answer)
+
+    class Pb(_FakeTriton):
+        InferenceRequest = Request
+
+        @staticmethod
+        def get_output_tensor_by_name(result, name):
+            return type("T", (), {"as_numpy": lambda _self: result.answer})()
+
+    return Pb, sent
+
+
+def test_a_bls_request_with_no_answer_is_sent_again_and_an_error_answer_is_not():
+    import asyncio
+
+    import numpy as np
+
+    from audiostory_ensemble.serving.adapter import bls_output
+
+    def call(answers, attempts=3):
+        pb, sent = _bls_fake(answers)
+        retries = []
+        try:
+            out = asyncio.run(bls_output(pb, "vae_decoder", ["latent"], "wave", 0.05, attempts, retries.append))
+        except RuntimeError as e:
+            out = str(e)
+        return out, len(sent), retries
+
+    wave = np.arange(4.0)
+    out, sends, retries = call(["silent", "silent", wave])
+    assert out is wave and sends == 3 and retries == [1, 2]
+    assert call([wave]) == (wave, 1, [])
+    assert call(["error", wave]) == ("vae_decoder: model instance failed", 1, [])       # not re-sent
+    assert call(["silent"] * 3) == ("vae_decoder: no answer within 0.05 s, 3 attempts", 3, [1, 2])
+    pb, sent = _bls_fake([wave])
+    asyncio.run(bls_output(pb, "vae_decoder", ["latent"], "wave", 1.0, 1))
+    assert sent == [("vae_decoder", ["latent"], ["wave"])]
 
 
 def test_a_story_cancel_reaches_every_stage_at_once_and_reports_the_ones_that_failed():

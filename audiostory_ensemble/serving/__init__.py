@@ -10,7 +10,7 @@ it is importable and testable anywhere (the ``model.py`` files pass numpy arrays
 - ``processes``: the process tree and its shared memory, the orphan guard; ``watchdog`` is the
   guard's own program (``python -m audiostory_ensemble.serving.watchdog``);
 - ``adapter``: what every ``model.py`` does with the python backend (``pb_utils`` passed in): its
-  config parameters, error responses.
+  config parameters, error responses, a BLS request re-sent after silence.
 - ``story``: the front door's story loop as a state machine (what each stream event means);
 - ``scheduler``: the DiT step scheduler (continuous batching of clips over one engine), its engines
   in ``step_engines``;

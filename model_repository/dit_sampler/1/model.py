@@ -31,7 +31,7 @@ from audiostory_ensemble.model import post
 from audiostory_ensemble.model.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
 from audiostory_ensemble.model.sampler import flow_sigmas, initial_noise
 from audiostory_ensemble.serving import control
-from audiostory_ensemble.serving.adapter import Parameters, send_error
+from audiostory_ensemble.serving.adapter import Parameters, bls_output, send_error
 from audiostory_ensemble.serving.gates import CancelRegistry, PerKeyLimiter, PriorityGate
 from audiostory_ensemble.serving.loop import ensure_heartbeat
 from audiostory_ensemble.serving.metrics import TTFC_BUCKETS, TTFC_DESCRIPTION, BatchMetrics, StageMetrics
@@ -166,30 +166,14 @@ class TritonPythonModel:
             return None
         return latent[None]
 
-    async def _bls(self, model, inputs, output):
-        """One BLS request for one output (numpy); re-sent if no answer came within `bls_timeout_s`,
-        an error answer raises.
-
-        A safety net behind :func:`ensure_heartbeat` (which fixed the stalls the soak
-        benchmark found). The VAE is a pure function of its input, so re-sending is safe; retries
-        are counted in ``audiostory_bls_retries_total``.
-        """
-        for attempt in range(self.bls_attempts):
-            request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=[output])
-            try:
-                result = await asyncio.wait_for(request.async_exec(), self.bls_timeout_s)
-            except asyncio.TimeoutError:
-                self.metrics.counter("audiostory_bls_retries_total", "BLS requests re-sent after no answer")
-                self.logger.log_warn(f"dit_sampler: no answer from {model} within {self.bls_timeout_s:g} s "
-                                     f"(attempt {attempt + 1} of {self.bls_attempts})")
-                continue
-            if result.has_error():
-                raise RuntimeError(f"{model}: {result.error().message()}")
-            return pb_utils.get_output_tensor_by_name(result, output).as_numpy()
-        raise RuntimeError(f"{model}: no answer within {self.bls_timeout_s:g} s, {self.bls_attempts} attempts")
+    def _bls_retry(self, attempt):
+        self.metrics.counter("audiostory_bls_retries_total", "BLS requests re-sent after no answer")
+        self.logger.log_warn(f"dit_sampler: no answer from {self.vae_model} within {self.bls_timeout_s:g} s "
+                             f"(attempt {attempt} of {self.bls_attempts})")
 
     async def _decode_and_send(self, sender, x, meta):
-        wave = (await self._bls(self.vae_model, [pb_utils.Tensor("latent", x)], "wave"))[0]
+        wave = (await bls_output(pb_utils, self.vae_model, [pb_utils.Tensor("latent", x)], "wave",
+                                 self.bls_timeout_s, self.bls_attempts, self._bls_retry))[0]
         audio = await asyncio.to_thread(
             lambda: post.resample(post.trim(wave, meta.render_s), VAE_SAMPLE_RATE, OUTPUT_SAMPLE_RATE))
         sender.send(pb_utils.InferenceResponse([
