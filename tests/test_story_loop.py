@@ -61,7 +61,7 @@ def _bls_fake(answers: list):
 
     sent = []
 
-    class Result:
+    class Result:                 # a result is its own error and its own output tensor
         def __init__(self, answer):
             self.answer = answer
 
@@ -69,7 +69,13 @@ def _bls_fake(answers: list):
             return isinstance(self.answer, str)
 
         def error(self):
-            return type("E", (), {"message": lambda _self: "model instance failed"})()
+            return self
+
+        def message(self):
+            return "model instance failed"
+
+        def as_numpy(self):
+            return self.answer
 
     class Request:
         def __init__(self, model_name, inputs, requested_output_names):
@@ -86,7 +92,7 @@ def _bls_fake(answers: list):
 
         @staticmethod
         def get_output_tensor_by_name(result, name):
-            return type("T", (), {"as_numpy": lambda _self: result.answer})()
+            return result
 
     return Pb, sent
 

@@ -15,6 +15,7 @@ merges :func:`preload_env` into the server's environment, and the container's en
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import os
 import shlex
 import sys
@@ -24,14 +25,27 @@ ALLOCATORS = ("jemalloc", "system")
 JEMALLOC_CONF = "background_thread:true"    # return freed pages to the system from a thread of its own
 
 
+def requested(env: Mapping[str, str]) -> str:
+    """The allocator ``env`` asks for (``AUDIOSTORY_ALLOCATOR``, default jemalloc); any other value
+    is a ``ValueError`` naming the variable and the allowed values."""
+    allocator = env.get("AUDIOSTORY_ALLOCATOR", ALLOCATORS[0])
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"AUDIOSTORY_ALLOCATOR must be one of {', '.join(ALLOCATORS)}, not {allocator!r}")
+    return allocator
+
+
+@functools.cache
+def jemalloc_library() -> str | None:
+    """jemalloc's shared library as the loader names it, or None when it is not installed (looked up
+    once: ``find_library`` runs ``ldconfig``)."""
+    return ctypes.util.find_library("jemalloc")
+
+
 def preload_env(env: Mapping[str, str]) -> dict[str, str]:
     """The variables to set on top of ``env`` for the allocator it asks for: ``LD_PRELOAD`` with
     jemalloc in front (once) and ``MALLOC_CONF``; nothing for ``system``, or when jemalloc is not
     installed or already preloaded."""
-    allocator = env.get("AUDIOSTORY_ALLOCATOR", "jemalloc")
-    if allocator not in ALLOCATORS:
-        raise ValueError(f"AUDIOSTORY_ALLOCATOR must be one of {', '.join(ALLOCATORS)}, not {allocator!r}")
-    jemalloc = ctypes.util.find_library("jemalloc") if allocator == "jemalloc" else None
+    jemalloc = jemalloc_library() if requested(env) == "jemalloc" else None
     preload = env.get("LD_PRELOAD", "")
     if not jemalloc or jemalloc in preload.split(":"):
         return {}
@@ -45,12 +59,11 @@ def main() -> int:
     except ValueError as e:
         print(f"allocator: {e}", file=sys.stderr)
         return 2
-    if os.environ.get("AUDIOSTORY_ALLOCATOR", "jemalloc") == "jemalloc" and not ctypes.util.find_library("jemalloc"):
+    if requested(os.environ) == "jemalloc" and jemalloc_library() is None:
         print("allocator: jemalloc is not installed; the server runs on glibc's malloc", file=sys.stderr)
     for name, value in changes.items():
         print(f"export {name}={shlex.quote(value)}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
