@@ -152,11 +152,11 @@ def cmd_dub(args) -> int:
 
 def cmd_health(args) -> int:
     try:
-        seconds = health_check(args.url, timeout=args.timeout)
+        seconds = health_check(args.url, timeout=args.timeout, story=args.story)
     except Exception as e:  # noqa: BLE001 - any failure makes the probe fail, with the reason
         print(f"unhealthy: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(f"healthy: a story through {args.url} in {seconds:.2f} s")
+    print(f"healthy: {'a story through ' if args.story else 'live and ready: '}{args.url} in {seconds:.2f} s")
     return 0
 
 
@@ -211,9 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--url", default="127.0.0.1:8001", help="gRPC address")
     d.add_argument("--timeout", type=float, default=600.0)
     d.set_defaults(func=cmd_dub)
-    h = sub.add_parser("health", help="probe: one real small request through the pipeline (exit 0 = healthy)")
+    h = sub.add_parser("health", help="probe: the server is live and ready (exit 0 = healthy)")
     h.add_argument("--url", default="127.0.0.1:8001", help="gRPC address")
     h.add_argument("--timeout", type=float, default=60.0)
+    h.add_argument("--story", action="store_true",
+                   help="send one real small story through the pipeline instead (for a server without its supervisor)")
     h.set_defaults(func=cmd_health)
     args = ap.parse_args(argv)
     return args.func(args)

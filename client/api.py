@@ -12,11 +12,32 @@ from typing import Iterator
 import numpy as np
 
 from audiostory_ensemble import interface as I
+from audiostory_ensemble.serving.control import BUSY
+from audiostory_ensemble.serving.stages import down_stage
 from audiostory_ensemble.serving.stitch import Clip, Story, StoryAssembler
+
+_HTTP_STATUS = {"400": "INVALID_ARGUMENT", "499": "CANCELLED", "500": "INTERNAL", "503": "UNAVAILABLE"}
 
 
 class AudioStoryError(RuntimeError):
-    """The server refused or failed the request; the message is the server's."""
+    """The server refused or failed the request; the message is the server's.
+
+    ``status``: the gRPC status name (``UNAVAILABLE``, ``INVALID_ARGUMENT``, ...) where the transport
+    carried one. Triton's streaming protocol carries only an error's message, so for a streamed
+    story the status is read from it: UNAVAILABLE when the server was busy or a stage was down.
+    ``retryable``: the same request may succeed later (UNAVAILABLE)."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        status = str(status).removeprefix("StatusCode.") if status else None
+        status = _HTTP_STATUS.get(status, status)
+        if status in (None, "INTERNAL") and (message.startswith(BUSY) or down_stage(message)):
+            status = "UNAVAILABLE"
+        self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        return self.status == "UNAVAILABLE"
 
 
 def request_arrays(instruction: str | None, total_duration: float | None = None, guidance: float | None = None,
@@ -92,7 +113,8 @@ class AudioStoryClient:
                 except queue.Empty:
                     continue
                 if error is not None:
-                    raise AudioStoryError(str(error.message() if hasattr(error, "message") else error))
+                    raise AudioStoryError(str(error.message() if hasattr(error, "message") else error),
+                                          error.status() if hasattr(error, "status") else None)
                 response = result.get_response()
                 if result.as_numpy(I.CLIP_AUDIO.name) is not None:
                     yield _clip_from(result.as_numpy)
@@ -134,7 +156,7 @@ def generate_http(instruction: str | None, url: str = "127.0.0.1:8000", model: s
     try:
         result = client.infer(model, inputs, outputs=outputs, timeout=int(timeout * 1e6))
     except InferenceServerException as e:
-        raise AudioStoryError(e.message()) from None
+        raise AudioStoryError(e.message(), e.status()) from None
     finally:
         client.close()
     captions = [c.decode("utf-8") for c in result.as_numpy(I.CAPTIONS.name)]
@@ -152,14 +174,36 @@ HEALTH_INSTRUCTION = "a short test tone"
 
 
 def health_check(url: str = "127.0.0.1:8001", timeout: float = 60.0, model: str = I.STREAM_MODEL,
-                 num_steps: int = 1, total_duration: float = 2.0) -> float:
-    """Send one real, small request through the whole pipeline; returns its latency in seconds.
+                 num_steps: int = 1, total_duration: float = 2.0, story: bool = False) -> float:
+    """Is the server ready to serve stories? Returns the check's latency in seconds, or raises
+    :class:`AudioStoryError` saying why not (``TimeoutError`` past ``timeout``).
 
-    Model-ready is not proof of health: a dead python stub stays "ready" in Triton 2.51. This
-    raises :class:`AudioStoryError` (with the server's message) or ``TimeoutError`` if the pipeline
-    cannot produce a story, so it serves as a liveness/readiness probe.
+    By default the check renders nothing: the server is live and ready and ``model`` is ready. That
+    is the truth when the server runs under its supervisor (``make serve``, the container): a stage
+    that dies is reloaded at once, and Triton reports the server not ready until it is back.
+    ``story=True`` sends one real small story through the whole pipeline instead (a few DiT steps
+    of GPU time per probe): for a server started without the supervisor, where a dead python stub
+    stays "ready" (Triton 2.51 and 25.10).
     """
     t0 = time.monotonic()
+    if not story:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            if not client.is_server_live(client_timeout=timeout):
+                raise AudioStoryError(f"server at {url} is not live")
+            if not client.is_server_ready(client_timeout=timeout):
+                raise AudioStoryError(f"server at {url} is not ready (a stage is loading or restarting)",
+                                      "UNAVAILABLE")
+            if not client.is_model_ready(model, client_timeout=timeout):
+                raise AudioStoryError(f"model {model} is not ready", "UNAVAILABLE")
+        except InferenceServerException as e:
+            raise AudioStoryError(e.message(), e.status()) from None
+        finally:
+            client.close()
+        return time.monotonic() - t0
     story = AudioStoryClient(url, model=model).generate(
         HEALTH_INSTRUCTION, timeout=timeout, total_duration=total_duration, num_steps=num_steps)
     if story.audio.ndim != 2 or story.audio.shape[1] == 0 or not np.isfinite(story.audio).all():

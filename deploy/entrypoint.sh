@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Container start: convert the checkpoint, export ONNX, build TensorRT plans for *this* GPU and
 # TensorRT (cached by name in $AUDIOSTORY_CACHE, so a restart on the same GPU skips the build),
-# fill the model repository, then exec tritonserver on all interfaces (the container's network is
-# the boundary; ports are published by compose / Kubernetes).
+# fill the model repository, then exec the server helper (`make serve`'s command), which runs the
+# image's tritonserver on all interfaces (the container's network is the boundary; ports are
+# published by compose / Kubernetes) under its supervisor: a stage whose process dies is reloaded,
+# and the helper exits non-zero when the server dies or a stage crash-loops, for the orchestrator
+# to restart the container.
 set -euo pipefail
 
 : "${AUDIOSTORY_CHECKPOINT:?set AUDIOSTORY_CHECKPOINT to the AudioStory release folder}"
@@ -12,10 +15,10 @@ SETTINGS="${AUDIOSTORY_SETTINGS:-}"
 mkdir -p "$CACHE"
 cd "${AUDIOSTORY_HOME:-/opt/audiostory}"
 
-# The server's allocator, by the rule the server helper follows (audiostory_ensemble/serving/
-# allocator.py): jemalloc, which the Triton image ships, preloaded into tritonserver;
-# AUDIOSTORY_ALLOCATOR=system keeps glibc's malloc; any other value stops here, before the build.
-allocator_env="$(python3 -m audiostory_ensemble.serving.allocator)"
+# The server's allocator (audiostory_ensemble/serving/allocator.py; the server helper applies it):
+# jemalloc, which the Triton image ships, preloaded into tritonserver; AUDIOSTORY_ALLOCATOR=system
+# keeps glibc's malloc; any other value stops here, before the build.
+python3 -m audiostory_ensemble.serving.allocator >/dev/null
 
 ln -sfn "$CACHE" build
 
@@ -28,13 +31,9 @@ if [[ -n "$SETTINGS" ]]; then
 fi
 python3 export/make_repo.py "${repo_args[@]}"
 
-# The allocator, chosen above, for the server and every process it starts.
-eval "$allocator_env"
-
-# The APIs that take host paths or change the server stay behind an admin header.
-TOKEN="${AUDIOSTORY_ADMIN_TOKEN:-$(python3 -c 'import secrets; print(secrets.token_hex(16))')}"
-RESTRICTED="shared-memory,model-repository,trace,logging:audiostory-admin-token=$TOKEN"
-exec tritonserver --model-repository "$CACHE/model_repository" \
-    --grpc-port 8001 --http-port 8000 --metrics-port 8002 \
-    --model-control-mode none --exit-on-error true \
-    --grpc-restricted-protocol="$RESTRICTED" --http-restricted-api="$RESTRICTED" "$@"
+# The helper keeps the APIs that take host paths or change the server (the repository API its
+# supervisor reloads stages with, among them) behind the admin header (AUDIOSTORY_ADMIN_TOKEN, or a
+# random token per start); extra arguments go to tritonserver.
+exec python3 -m audiostory_ensemble.serving.triton_server --model-repository "$CACHE/model_repository" \
+    --triton-home /opt/tritonserver --address 0.0.0.0 --log - \
+    --grpc-port 8001 --http-port 8000 --metrics-port 8002 -- "$@"

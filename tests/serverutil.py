@@ -170,11 +170,11 @@ class ProcessTree:
 
 
 @contextlib.contextmanager
-def served(build_dir: Path, name: str, settings: dict):
+def served(build_dir: Path, name: str, settings: dict, **server_options):
     """The tiny model's cpu repository with ``settings`` (make_repo's keys) under ``build_dir``,
-    served on loopback for the block (its log beside it)."""
+    served on loopback for the block (its log beside it; ``server_options`` to TritonServer)."""
     path = build_dir / f"{name}_settings.json"
     path.write_text(json.dumps(settings))
     repo = make_repo("cpu", "tiny", build_dir / f"{name}_repository", path)
-    with TritonServer(repo, log_path=build_dir / f"{name}_server.log").start(timeout=600) as s:
+    with TritonServer(repo, log_path=build_dir / f"{name}_server.log", **server_options).start(timeout=600) as s:
         yield s

@@ -39,7 +39,11 @@ def test_chart_renders_and_every_object_validates_strictly(rendered):
     pod = _find(default, "Deployment")["spec"]["template"]["spec"]
     triton = pod["containers"][0]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert triton["readinessProbe"]["exec"]["command"][:4] == ["python3", "-m", "client", "health"]
+    # Triton's own endpoints, made true to the stages by the supervisor the entrypoint runs
+    assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    live = triton["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= 180      # a server restart fits
     assert triton["startupProbe"]["failureThreshold"] * triton["startupProbe"]["periodSeconds"] >= 1800
     shm = next(v for v in pod["volumes"] if v["name"] == "shm")
     assert shm["emptyDir"]["medium"] == "Memory"

@@ -1,16 +1,14 @@
-"""Overload, faults and process hygiene, on a disposable server (tiny model) whose stubs and
-process these tests kill. Order matters: the module ends by killing the server with SIGKILL."""
+"""Overload and process hygiene, on a disposable server (tiny model) whose process the last test
+kills with SIGKILL. (A stage's process killed: tests/test_faults.py.)"""
 import os
 import signal
-from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.serving.processes import alive, descendants, shm_mappings
-from client.api import AudioStoryClient, AudioStoryError, health_check, request_arrays
+from client.api import AudioStoryClient, AudioStoryError, request_arrays
 from tests.serverutil import OpenStream, grpc_inputs, infer_error, metric, scrape, served, wait_for
 
 CAPACITY = 2
@@ -70,39 +68,10 @@ def test_whole_story_requests_past_the_queue_fail_fast(server, sample_instructio
     assert results == [None, None]
 
 
-def _stub_pid(server, model: str) -> int:
-    for pid in descendants(server.process.pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(part.endswith(f"/{model}/1/model.py".encode()) for part in cmdline):
-            return pid
-    raise AssertionError(f"no stub process for {model}")
-
-
-def test_a_dead_stub_fails_requests_by_name_and_the_rest_keeps_serving(server):
-    assert health_check(server.grpc_url, timeout=120) > 0
-    os.kill(_stub_pid(server, "dit_sampler"), signal.SIGKILL)
-    with pytest.raises(AudioStoryError, match="dit_sampler"):
-        AudioStoryClient(server.grpc_url).generate("rain", total_duration=5.0, num_steps=2, timeout=120)
-    # Triton 2.51 still reports the model ready; the probe that sends a real request does not.
-    assert grpcclient.InferenceServerClient(server.grpc_url).is_model_ready("dit_sampler")
-    with pytest.raises(AudioStoryError, match="dit_sampler"):
-        health_check(server.grpc_url, timeout=120)
-    # Other models answer: the DiT step itself, and the front door's validation.
-    meta = grpcclient.InferenceServerClient(server.grpc_url).get_model_metadata("dit_step")
-    n = int(next(i for i in meta.inputs if i.name == "cond").shape[1])
-    step = {"x": np.zeros((1, 645, 64), np.float32), "cond": np.zeros((1, n, 1024), np.float32)}
-    for name in ("duration", "sigma", "sigma_next", "guidance"):
-        step[name] = np.full((1, 1), 0.5, np.float32)
-    result = grpcclient.InferenceServerClient(server.grpc_url).infer("dit_step", grpc_inputs(step))
-    assert result.as_numpy("x_next").shape == (1, 645, 64)
-    e = infer_error(server.grpc_url, I.FULL_MODEL, request_arrays("rain", guidance=float("nan")))
-    assert e is not None and "GUIDANCE_SCALE" in e.message()
-
-
 def test_killing_the_server_leaves_none_of_its_processes(server):
+    """Nothing outlives the server: its stubs notice, the engines' watchdog kills vLLM's processes and
+    removes their shared memory; the supervisor does not restart a server that died (its launcher
+    exits non-zero: tests/test_supervisor.py)."""
     tree = descendants(server.process.pid)
     assert len(tree) >= 5   # stubs, vLLM engine processes, the guard
     engine_shm = [p for p in shm_mappings(tree) if "triton_python_backend" not in p]
@@ -113,3 +82,4 @@ def test_killing_the_server_leaves_none_of_its_processes(server):
              what="the server's stubs and engines to exit")
     wait_for(lambda: not [p for p in engine_shm if os.path.exists(p)], timeout=60, interval=0.5,
              what="the engines' shared memory to be removed")
+    assert server.failure is None and not server.supervisor.busy and len(server.supervisor.history) == 0

@@ -36,13 +36,19 @@ def test_stack_info_round_trip_over_grpc(smoke_server):
     assert info["python"].startswith("3.11")
 
 
-def test_safe_defaults_loopback_and_no_model_loading_api(smoke_server):
+def test_safe_defaults_loopback_and_model_loading_only_with_the_admin_header(smoke_server):
     assert smoke_server.address == "127.0.0.1"
     cmd = smoke_server.command()
     assert {"--grpc-address=127.0.0.1", "--http-address=127.0.0.1", "--metrics-address=127.0.0.1"} <= set(cmd)
+    # explicit control, for the supervisor's reloads; nobody else loads or unloads without the header
+    assert {"--model-control-mode=explicit", "--load-model=*"} <= set(cmd)
     client = grpcclient.InferenceServerClient(smoke_server.grpc_url)
-    with pytest.raises(Exception, match="(?i)explicit model load / unload is not allowed|not allowed|restricted"):
-        client.load_model("stack_info")
+    for call in (client.load_model, client.unload_model):
+        with pytest.raises(Exception, match="(?i)restricted|header"):
+            call("stack_info")
+    assert client.is_model_ready("stack_info")
+    unsupervised = TritonServer(smoke_server.model_repository, supervise=False).command()
+    assert "--model-control-mode=none" in unsupervised and not [a for a in unsupervised if "load-model" in a]
 
 
 def test_apis_that_take_host_paths_need_the_admin_header(smoke_server):
@@ -87,35 +93,43 @@ def test_the_server_and_its_stub_run_on_jemalloc_and_the_choice_is_checked(smoke
         server_env(base={"AUDIOSTORY_ALLOCATOR": "tcmalloc"})
 
 
-def _entrypoint_allocator(env_extra: dict) -> tuple[int, dict, str]:
-    """Run the container entrypoint's own allocator lines (the ones that name ``allocator_env``)
-    under bash, as the entrypoint does, and return its exit status, the variables it exported
-    and its stderr."""
+def _entrypoint_lines(word: str) -> list[str]:
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "deploy" / "entrypoint.sh").read_text().replace("\\\n", " ")
+    return [ln for ln in text.splitlines() if word in ln and not ln.lstrip().startswith("#")]
+
+
+def test_the_container_entrypoint_refuses_an_unknown_allocator_before_the_build():
+    """The entrypoint checks AUDIOSTORY_ALLOCATOR by the helper's rule before converting anything
+    (the helper it execs applies the rule to the server)."""
     import os
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    lines = [ln for ln in (root / "deploy" / "entrypoint.sh").read_text().splitlines()
-             if "allocator_env" in ln and not ln.lstrip().startswith("#")]
-    assert len(lines) == 2, lines                       # computed early, applied before exec
-    script = "set -euo pipefail\n" + "\n".join(lines) + '\nprintf "%s\\n%s\\n" "${LD_PRELOAD:-}" "${MALLOC_CONF:-}"\n'
-    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env_extra}
-    r = subprocess.run(["bash", "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=60)
-    preload, conf = (r.stdout.splitlines() + ["", ""])[:2]
-    return r.returncode, {"LD_PRELOAD": preload, "MALLOC_CONF": conf}, r.stderr
+    lines = _entrypoint_lines("serving.allocator")
+    assert len(lines) == 1
+    text = (root / "deploy" / "entrypoint.sh").read_text()
+    assert text.index(lines[0]) < text.index("convert_checkpoint.py")
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for value, rc, said in (("tcmalloc", 2, "AUDIOSTORY_ALLOCATOR must be one of jemalloc, system, not 'tcmalloc'"),
+                            ("system", 0, ""), (None, 0, "")):
+        run_env = env if value is None else {**env, "AUDIOSTORY_ALLOCATOR": value}
+        r = subprocess.run(["bash", "-c", "set -euo pipefail\n" + lines[0]], cwd=root, env=run_env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == rc and said in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("base", [{}, {"AUDIOSTORY_ALLOCATOR": "system"}, {"LD_PRELOAD": "libother.so"},
-                                  {"MALLOC_CONF": "narenas:2"}])
-def test_the_container_entrypoint_chooses_the_allocator_by_the_helpers_rule(base):
-    rc, exported, err = _entrypoint_allocator(base)
-    assert rc == 0, err
-    helper = server_env(base=base)
-    assert exported == {k: helper.get(k, "") for k in exported}
-    assert ("libjemalloc" in exported["LD_PRELOAD"]) == (base.get("AUDIOSTORY_ALLOCATOR") != "system")
+def test_the_container_entrypoint_execs_the_supervised_server_helper():
+    """The container runs the server the way `make serve` does: the helper, its supervisor on, the
+    image's Triton, the log on stdout; its options are the helper's own."""
+    import shlex
 
+    from audiostory_ensemble.serving import triton_server
 
-def test_the_container_entrypoint_refuses_an_unknown_allocator():
-    rc, _, err = _entrypoint_allocator({"AUDIOSTORY_ALLOCATOR": "tcmalloc"})
-    assert rc == 2 and "AUDIOSTORY_ALLOCATOR must be one of jemalloc, system, not 'tcmalloc'" in err
+    (line,) = _entrypoint_lines("exec ")
+    argv = shlex.split(line.replace('"$CACHE/model_repository"', "/cache/model_repository").replace('"$@"', ""))
+    assert argv[:4] == ["exec", "python3", "-m", "audiostory_ensemble.serving.triton_server"]
+    kw, _ = triton_server.server_options(argv[4:])
+    assert kw["triton_home"] == "/opt/tritonserver" and kw["address"] == "0.0.0.0" and kw["log_path"] == "-"
+    assert kw["supervise"] is True and (kw["grpc_port"], kw["http_port"], kw["metrics_port"]) == (8001, 8000, 8002)

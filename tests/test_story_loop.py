@@ -170,6 +170,53 @@ def test_a_story_cancel_reaches_every_stage_at_once_and_reports_the_ones_that_fa
     assert sorted(m for m, _, _ in sent) == ["bridge", "dit_sampler", "llm"]
     assert {(name, key) for _, name, key in sent} == {(control.CANCEL_INPUT, b"k" * 32)}
     assert errors == ["dit_sampler: busy", "bridge: RuntimeError: stub gone"]
+    # A target that never answers (a stage that died, not yet known dead) is reported, not waited for.
+    never = threading.Event()
+
+    class Silent(Request):
+        def exec(self, decoupled):
+            never.wait(60)
+            return iter([])
+
+    Pb.InferenceRequest = Silent
+    import time
+    t0 = time.monotonic()
+    assert control.cancel_story_sync(Pb, "k" * 32, ("llm",), timeout_s=0.2) == [
+        "llm: no answer to the cancel within 0.2 s"]
+    assert time.monotonic() - t0 < 5
+    never.set()
+
+
+def test_blocking_calls_given_up_on_are_counted_until_they_return():
+    import asyncio
+    import threading
+
+    from audiostory_ensemble.serving.loop import DaemonCalls
+
+    release = threading.Event()
+
+    async def main():
+        calls = DaemonCalls(limit=2, name="t")
+        loop = asyncio.get_running_loop()
+        assert await calls.run(loop, lambda: 7) == 7
+        stuck = calls.run(loop, lambda: release.wait(30))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(stuck, 0.05)               # the caller gives up: the future is cancelled
+        assert (calls.running, calls.stuck) == (1, 1)
+        other = calls.run(loop, lambda: release.wait(30))
+        with pytest.raises(RuntimeError, match="limit 2"):
+            calls.run(loop, lambda: None)
+        release.set()
+        await other
+        for _ in range(100):
+            if not calls.running:
+                break
+            await asyncio.sleep(0.01)
+        assert (calls.running, calls.stuck) == (0, 0)
+        with pytest.raises(ZeroDivisionError):
+            await calls.run(loop, lambda: 1 / 0)
+
+    asyncio.run(main())
 
 
 def test_tasks_by_key_track_and_cancel_what_is_in_flight():
@@ -209,11 +256,11 @@ def test_the_story_loop_starts_a_clip_per_plan_entry_and_ends_when_every_stream_
     assert loop.response(story.PLAN, story.EMPTY) == story.WAIT          # the plan stream's final flag
     assert loop.response("clip0", story.CLIP).kind == "send"
     assert loop.response("clip0", story.EMPTY) == story.WAIT
-    assert loop.stream_ended() == story.WAIT                              # the plan's
-    assert loop.stream_ended() == story.WAIT                              # clip0's
+    assert loop.stream_ended(story.PLAN) == story.WAIT                    # the plan's
+    assert loop.stream_ended("clip0") == story.WAIT
     assert loop.idle(now=110.0, cancelled=False) == story.WAIT
     assert loop.response("clip1", story.CLIP).kind == "send"
-    assert loop.stream_ended() == story.Action("stop", reason="done")     # clip1's: nothing open
+    assert loop.stream_ended("clip1") == story.Action("stop", reason="done")     # nothing open
     assert loop.clips == 2
 
 
@@ -236,3 +283,5 @@ def test_the_story_loop_stops_for_a_cancel_a_timeout_or_a_stage_error_with_the_s
     assert sampler.message == "dit_sampler: bridge: shape mismatch"
     named = fresh().response("clip0", story.ERROR, error="dit_sampler: bad _META")
     assert named.message == "dit_sampler: bad _META"                      # not named twice
+    vllm = fresh().response(story.PLAN, story.ERROR, error="vllm refused the prompt")
+    assert vllm.message == "llm: vllm refused the prompt"                 # "llm" inside a word is not the name

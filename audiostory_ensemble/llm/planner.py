@@ -194,6 +194,20 @@ class Planner:
                 pass
         unlink_unmapped_shm(pids, shm)
 
+    def dead_engine(self) -> str | None:
+        """Which embedded engine vLLM has marked dead (its engine core, or a worker under it, died):
+        "the generate engine" or "the pooling engine"; None while both live (or the tier is remote)."""
+        for name, engine in (("generate", self.generate_engine), ("pooling", self.pooling_engine)):
+            if engine is not None and getattr(engine, "errored", False) is True:
+                return f"the {name} engine"
+        return None
+
+    @staticmethod
+    def unreachable(error: BaseException) -> bool:
+        """The error says a remote tier server could not be reached or failed (5xx): retry later."""
+        cause = error.__cause__ if isinstance(error, PlannerError) else error
+        return bool(getattr(cause, "unavailable", False))
+
     # -- helpers ----------------------------------------------------------------------------------
     @property
     def hears_audio(self) -> bool:

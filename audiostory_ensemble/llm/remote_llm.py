@@ -26,7 +26,12 @@ from ..serving.gates import TasksByKey
 
 
 class RemoteEngineError(RuntimeError):
-    """A remote vLLM server failed or could not be reached (the message names it)."""
+    """A remote vLLM server failed or could not be reached (the message names it). ``unavailable``:
+    it could not be reached or answered 5xx (the request may succeed later)."""
+
+    def __init__(self, message: str, unavailable: bool = False):
+        super().__init__(message)
+        self.unavailable = unavailable
 
 
 class _RemoteServer:
@@ -52,11 +57,12 @@ class _RemoteServer:
                     if r.status == 200:
                         return json.loads(text)
                     if r.status < 500 or attempt == self.retries:
-                        raise RemoteEngineError(f"{self.what} at {self.url}{path}: HTTP {r.status}: {text[:300]}")
+                        raise RemoteEngineError(f"{self.what} at {self.url}{path}: HTTP {r.status}: {text[:300]}",
+                                                unavailable=r.status >= 500)
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
                 if attempt == self.retries:
                     raise RemoteEngineError(f"{self.what} at {self.url} unreachable after {self.retries + 1} "
-                                            f"attempt(s): {type(e).__name__}: {e}") from None
+                                            f"attempt(s): {type(e).__name__}: {e}", unavailable=True) from None
             await asyncio.sleep(delay)
             delay *= 2
         raise RemoteEngineError(f"{self.what} at {self.url}: no answer")

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
+import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -57,11 +58,26 @@ def _send(model: str, req) -> list[str]:
         return [f"{model}: {type(e).__name__}: {e}"]
 
 
-def cancel_story_sync(pb_utils, key: str, targets=CANCEL_TARGETS) -> list[str]:
+def cancel_story_sync(pb_utils, key: str, targets=CANCEL_TARGETS, timeout_s: float = 10.0) -> list[str]:
     """Send the cancel to every target at once (the sampler's steps do not wait on the planner's
-    abort); returns the errors (empty when all acknowledged)."""
-    with ThreadPoolExecutor(len(targets), thread_name_prefix="cancel") as pool:
-        return [e for errors in pool.map(_send, targets, _requests(pb_utils, key, targets)) for e in errors]
+    abort); returns the errors (empty when all acknowledged). A target that does not answer within
+    ``timeout_s`` (a stage that died and is not yet known dead) is reported, not waited for: each
+    send runs on a daemon thread, which a dead target may keep forever."""
+    if not targets:
+        return []
+    results: list[list[str] | None] = [None] * len(targets)
+    threads = []
+    for i, (model, req) in enumerate(zip(targets, _requests(pb_utils, key, targets))):
+        def send(i=i, model=model, req=req):
+            results[i] = _send(model, req)
+        t = threading.Thread(target=send, name=f"cancel-{model}", daemon=True)
+        t.start()
+        threads.append(t)
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [e for model, r in zip(targets, results)
+            for e in (r if r is not None else [f"{model}: no answer to the cancel within {timeout_s:g} s"])]
 
 
 async def cancel_story(pb_utils, key: str, targets=CANCEL_TARGETS) -> list[str]:

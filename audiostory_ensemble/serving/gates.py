@@ -144,6 +144,10 @@ class TasksByKey:
                 if not tasks:
                     del self._tasks[key]
 
+    def cancel_all(self, loop: asyncio.AbstractEventLoop | None = None) -> int:
+        """Cancels every task of every key; returns how many."""
+        return sum(self.cancel(key, loop) for key in list(self._tasks))
+
     def cancel(self, key: str, loop: asyncio.AbstractEventLoop | None = None) -> int:
         """Cancels the key's tasks (through ``loop`` when called from another thread); returns how many."""
         tasks = list(self._tasks.get(key, ()))

@@ -49,3 +49,70 @@ class LoopThread:
     def stop(self):
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+
+class DaemonCalls:
+    """Blocking calls (a BLS stream's iterator) on daemon threads, at most ``limit`` at once.
+
+    A stream to a decoupled stub that dies is never answered: its thread blocks for good. On a
+    daemon thread such a call cannot hold up the stub's exit (a ``ThreadPoolExecutor`` joins its
+    threads at exit), and :attr:`stuck` counts the calls whose caller stopped waiting (their future
+    cancelled) while their thread still runs, so that the caller can bound them."""
+
+    def __init__(self, limit: int, name: str = "call"):
+        self.limit = limit
+        self.name = name
+        self._lock = threading.Lock()
+        self._running: set[int] = set()
+        self._abandoned: set[int] = set()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def stuck(self) -> int:
+        return len(self._abandoned)
+
+    def run(self, loop: asyncio.AbstractEventLoop, fn) -> asyncio.Future:
+        """``fn()`` on a new daemon thread; its result (or exception) on a future of ``loop``."""
+        fut = loop.create_future()
+        token = id(fut)
+        with self._lock:
+            if len(self._running) >= self.limit:
+                raise RuntimeError(f"{self.name}: {len(self._running)} blocking calls running (limit {self.limit})")
+            self._running.add(token)
+
+        def given_up(f):
+            if f.cancelled():
+                with self._lock:
+                    if token in self._running:
+                        self._abandoned.add(token)
+
+        fut.add_done_callback(given_up)
+
+        def settle(result, error):
+            if fut.done():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
+        def body():
+            result = error = None
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting side
+                error = e
+            finally:
+                with self._lock:
+                    self._running.discard(token)
+                    self._abandoned.discard(token)
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:            # the loop is closed: nobody waits any more
+                pass
+
+        threading.Thread(target=body, name=f"{self.name}-{token:x}", daemon=True).start()
+        return fut

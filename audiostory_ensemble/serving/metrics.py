@@ -140,3 +140,52 @@ class BatchMetrics:
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=5)
+
+
+class BoardMetrics:
+    """The stage board (:mod:`.stages`) on ``/metrics``, refreshed every ``interval`` seconds from a
+    thread: ``audiostory_stage_up{model, stage}`` (1 up, 0 restarting or failed) and
+    ``audiostory_stage_restarts_total{model, stage}`` (restarts since the server helper started; the
+    board outlives a restart of the server, so the counter goes on from where it was)."""
+
+    def __init__(self, pb_utils, model: str, board, interval: float = 1.0):
+        self.pb = pb_utils
+        self.model = model
+        self.board = board
+        self.interval = interval
+        self._up = pb_utils.MetricFamily(name="audiostory_stage_up", kind=pb_utils.MetricFamily.GAUGE,
+                                         description="1 while the stage is up, 0 while it restarts or has failed")
+        self._restarts = pb_utils.MetricFamily(name="audiostory_stage_restarts_total",
+                                               kind=pb_utils.MetricFamily.COUNTER,
+                                               description="Restarts of the stage by the supervisor")
+        self._metrics: dict[str, tuple[object, object]] = {}
+        self._counted: dict[str, int] = {}
+        self._stop = threading.Event()
+        self.refresh()
+        self._thread = threading.Thread(target=self._run, name="board-metrics", daemon=True)
+        self._thread.start()
+
+    def refresh(self) -> None:
+        for stage, state in self.board.stages().items():
+            if stage not in self._metrics:
+                labels = {"model": self.model, "stage": stage}
+                self._metrics[stage] = (self._up.Metric(labels=labels), self._restarts.Metric(labels=labels))
+                self._counted[stage] = 0
+            up, restarts = self._metrics[stage]
+            up.set(1.0 if state.up else 0.0)
+            if state.restarts > self._counted[stage]:
+                restarts.increment(state.restarts - self._counted[stage])
+                self._counted[stage] = state.restarts
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - metrics must never take the stage down
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._metrics.clear()
+        self._up = self._restarts = None

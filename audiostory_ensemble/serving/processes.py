@@ -75,6 +75,75 @@ def alive(pid: int) -> bool:
         return False
 
 
+def start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot): with the pid, it names one process, so
+    that a pid the kernel has given to another process since is not taken for it. None when the
+    process is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def cmdline(pid: int) -> list[str]:
+    """The process's arguments (a process that renamed itself, as vLLM's do, may have one)."""
+    try:
+        parts = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+    return parts[:-1] if parts and parts[-1] == "" else parts
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (of every thread of it)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
+def resource_tracker(pid: int) -> bool:
+    """Python's multiprocessing resource tracker: it removes the named semaphores its clients made
+    (vLLM's engines, started by spawning, make some in /dev/shm) once they are all gone, unless it
+    is killed with them."""
+    return "multiprocessing.resource_tracker" in " ".join(cmdline(pid))
+
+
+def kill_and_wait(processes: dict[int, int], timeout: float = 10.0) -> list[int]:
+    """SIGKILL each ``pid -> start time`` that is still that process, and wait until all are gone;
+    returns the pids still there after ``timeout`` (none, unless the kernel is stuck). Resource
+    trackers are killed last, after ``timeout`` at most for them to clean up and exit on their own
+    (their clients dead, they remove the semaphores those left)."""
+    import signal
+
+    def kill(pids):
+        for pid in pids:
+            if start_time(pid) == processes[pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def wait(pids, until):
+        left = [p for p in pids if start_time(p) == processes[p]]
+        while left and time.monotonic() < until:
+            time.sleep(0.05)
+            left = [p for p in left if start_time(p) == processes[p]]
+        return left
+
+    trackers = [p for p in processes if resource_tracker(p)]
+    others = [p for p in processes if p not in trackers]
+    kill(others)
+    deadline = time.monotonic() + timeout
+    left = wait(others, deadline)
+    kill(wait(trackers, deadline))
+    return left + wait(trackers, time.monotonic() + 5)
+
+
 def guard_children(parent_pid: int | None = None) -> subprocess.Popen | None:
     """Start a watchdog that kills this process's current descendants when this process dies.
 

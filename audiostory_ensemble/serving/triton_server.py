@@ -12,6 +12,10 @@ Why the environment matters (Triton 2.51 taken out of the nvidia-pytriton wheel)
   and vLLM engine it starts, unless ``AUDIOSTORY_ALLOCATOR=system``.
 - The server runs in its own session (``setsid``) so that a signal to the caller's process group
   does not reach engine subprocesses directly; :meth:`TritonServer.stop` signals the whole group.
+- The supervisor (:mod:`.supervisor`, on by default): a stage whose process dies is reloaded
+  through the repository API, so the server runs with explicit model control (every model loaded
+  at start; the API behind the admin header); the stage board (:mod:`.stages`) lives in a
+  temporary folder named to the stubs by ``AUDIOSTORY_STAGE_BOARD``.
 
 Why this module is a little over 300 lines: it is also the ``make serve`` command (:func:`main`),
 kept beside the class it drives so that the command and the fixtures start the server one way.
@@ -20,6 +24,7 @@ kept beside the class it drives so that the command and the fixtures start the s
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import secrets
 import signal
@@ -32,7 +37,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from audiostory_ensemble.serving import stages
 from audiostory_ensemble.serving.allocator import preload_env
+from audiostory_ensemble.serving.supervisor import RestartPolicy, Supervisor
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRITON_HOME = PROJECT_ROOT / "build" / "tritonserver"
@@ -56,13 +63,15 @@ def free_port(address: str = "127.0.0.1") -> int:
 
 
 def server_env(triton_home: Path = DEFAULT_TRITON_HOME, base: dict | None = None) -> dict:
-    """The environment ``tritonserver`` and its python stubs need."""
+    """The environment ``tritonserver`` and its python stubs need. The library path is set for the
+    server this project extracts (``make setup``); an installed server (NVIDIA's image) has its own."""
     env = dict(os.environ if base is None else base)
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
-    libs = [str(triton_home / "lib"), libdir]
-    if env.get("LD_LIBRARY_PATH"):
-        libs.append(env["LD_LIBRARY_PATH"])
-    env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
+    if Path(triton_home).resolve() == DEFAULT_TRITON_HOME.resolve():
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        libs = [str(triton_home / "lib"), libdir]
+        if env.get("LD_LIBRARY_PATH"):
+            libs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
     # The stub starts with an ASCII locale; vLLM/torch templates need UTF-8.
@@ -94,6 +103,8 @@ class TritonServer:
         triton_home: str | os.PathLike = DEFAULT_TRITON_HOME,
         env: dict | None = None,
         admin_token: str | None = None,
+        supervise: bool = True,
+        restart_policy: RestartPolicy | None = None,
     ):
         self.model_repository = Path(model_repository).resolve()
         self.address = address
@@ -101,7 +112,9 @@ class TritonServer:
         self.grpc_port = grpc_port or free_port(address)
         self.metrics_port = metrics_port or free_port(address)
         self.load_models = load_models
-        self.log_path = Path(log_path) if log_path else self.model_repository.parent / "tritonserver.log"
+        # "-": the server writes to this process's stdout (a container's log)
+        self.log_path = (None if str(log_path) == "-" else Path(log_path)) if log_path else \
+            self.model_repository.parent / "tritonserver.log"
         self.log_verbose = log_verbose
         self.extra_args = list(extra_args or [])
         self.triton_home = Path(triton_home)
@@ -110,6 +123,10 @@ class TritonServer:
         self._log_file = None
         self._tree: list[int] = []
         self._shm: list[str] = []
+        self.supervise = supervise
+        self.restart_policy = restart_policy or RestartPolicy()
+        self.supervisor: Supervisor | None = None
+        self.board: stages.Board | None = None
         # The admin header's value: given, from AUDIOSTORY_ADMIN_TOKEN, or random per start.
         self.admin_token = admin_token or os.environ.get("AUDIOSTORY_ADMIN_TOKEN") or secrets.token_hex(16)
 
@@ -150,20 +167,38 @@ class TritonServer:
             f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_token}",
             f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_token}",
         ]
-        if self.load_models:
-            # Only the named models; explicit mode also opens the load/unload API to clients.
+        if self.load_models or self.supervise:
+            # Explicit control (the supervisor reloads a dead stage; the API needs the admin header):
+            # the named models, or every model of the repository.
             cmd.append("--model-control-mode=explicit")
-            cmd += [f"--load-model={name}" for name in self.load_models]
+            cmd += [f"--load-model={name}" for name in (self.load_models or ["*"])]
         else:
-            # Every model of the repository, and no API for clients to load models from paths.
+            # Every model of the repository, and no API to load or unload models.
             cmd.append("--model-control-mode=none")
         return cmd + self.extra_args
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
         if self.process is not None:
             raise TritonServerError("server already started")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self.log_path, "wb")
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "wb")
+        if self.supervise:      # the board's stages: the python models, once the supervisor has seen them
+            import tempfile
+
+            self.board = stages.Board(Path(tempfile.mkdtemp(prefix="audiostory-stages-")) / "board.json")
+            self.env[stages.ENV] = str(self.board.path)
+        try:
+            self._start_process(timeout)
+            if self.supervise:
+                self.supervisor = Supervisor(self, self.board, self.restart_policy).start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_process(self, timeout: float) -> None:
+        """Start ``tritonserver`` and wait until it is ready (also the supervisor's restart)."""
         self.process = subprocess.Popen(
             self.command(),
             env=self.env,
@@ -172,13 +207,41 @@ class TritonServer:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        try:
-            self.wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
+        self.wait_ready(timeout)
         self._note_shm()
-        return self
+
+    def _stop_process(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM the server's process group, SIGKILL what is left after ``timeout``; then remove
+        the shared memory the tree had mapped that nobody maps any more (after a crash or a kill)."""
+        from .processes import unlink_unmapped_shm
+
+        from .processes import descendants, kill_and_wait, start_time
+
+        self._note_shm()
+        proc = self.process
+        code = None
+        if proc is not None:
+            if proc.poll() is None:
+                _signal_group(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    # Every process of the tree at once, resource trackers last (kill_and_wait):
+                    # they remove the semaphores vLLM's engines leave in /dev/shm.
+                    tree = {p: start_time(p) for p in [proc.pid, *descendants(proc.pid)]}
+                    kill_and_wait({p: t for p, t in tree.items() if t is not None})
+                    proc.wait(10)
+            code = proc.returncode
+            # Children (python stubs, engine processes) share the group: make sure none survive.
+            _signal_group(proc.pid, signal.SIGKILL)
+            unlink_unmapped_shm(self._tree, self._shm)
+        self._tree, self._shm = [], []
+        return code
+
+    @property
+    def failure(self) -> str | None:
+        """Why the supervisor gave up (the server is then stopped), or None."""
+        return None if self.supervisor is None else self.supervisor.failure
 
     def _note_shm(self) -> None:
         """Record the server tree's processes and shared memory (the python backend's regions, the
@@ -214,32 +277,20 @@ class TritonServer:
 
     def log_tail(self, lines: int = 60) -> str:
         try:
-            text = self.log_path.read_text(errors="replace")
+            text = self.log_path.read_text(errors="replace") if self.log_path else "(the log went to stdout)"
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM the server's process group, SIGKILL what is left after ``timeout``; then remove
-        the shared memory the tree had mapped that nobody maps any more (after a crash or a kill)."""
-        from .processes import unlink_unmapped_shm
-
-        self._note_shm()
-        proc, self.process = self.process, None
-        code = None
-        if proc is not None:
-            if proc.poll() is None:
-                _signal_group(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    _signal_group(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
-            code = proc.returncode
-            # Children (python stubs, engine processes) share the group: make sure none survive.
-            _signal_group(proc.pid, signal.SIGKILL)
-            unlink_unmapped_shm(self._tree, self._shm)
-        self._tree, self._shm = [], []
+        """Stop the supervisor, then the server and everything it started (see :meth:`_stop_process`)."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        code = self._stop_process(timeout)
+        self.process = None
+        if self.board is not None:
+            self.board.remove()
+            self.board = None
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -261,7 +312,9 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def server_options(argv: list[str] | None = None) -> tuple[dict, float]:
+    """The command line of ``make serve`` and the container: :class:`TritonServer`'s keyword
+    arguments, and the seconds to wait for readiness."""
     p = argparse.ArgumentParser(description="Run tritonserver on a model repository until interrupted.")
     p.add_argument("--model-repository", default=str(PROJECT_ROOT / "build" / "model_repository"))
     p.add_argument("--address", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -269,11 +322,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
-    p.add_argument("--log", dest="log_path", default=None, help="server log file (default: next to the repository)")
+    p.add_argument("--log", dest="log_path", default=None,
+                   help="server log file (default: next to the repository; - for this process's stdout)")
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--triton-home", default=str(DEFAULT_TRITON_HOME),
+                   help="the Triton installation (bin/tritonserver, backends/); default: the one `make setup` extracts")
+    p.add_argument("--no-supervise", dest="supervise", action="store_false",
+                   help="no supervisor: a dead stage stays dead (and Triton may still call it ready)")
+    p.add_argument("--max-restarts", type=int, default=RestartPolicy.max_restarts,
+                   help="restarts of one stage within --restart-window before giving up (exit 3)")
+    p.add_argument("--restart-window", type=float, default=RestartPolicy.window_s, help="seconds")
     p.add_argument("extra_args", metavar="extra", nargs="*", help="extra tritonserver flags, after --")
     args = vars(p.parse_args(argv))
     timeout = args.pop("timeout")
+    args["restart_policy"] = RestartPolicy(max_restarts=args.pop("max_restarts"), window_s=args.pop("restart_window"))
+    return args, timeout
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``make serve`` and the container's entrypoint: the server, supervised, until a signal.
+
+    Exit status: 0 after SIGINT/SIGTERM; 1 when the server did not start or died on its own; 3 when
+    the supervisor gave up (a crash-looping stage): in a container, the orchestrator replaces it."""
+    args, timeout = server_options(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     server = TritonServer(**args)
     stop = {"now": False}
 
@@ -282,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    print(f"starting tritonserver on {server.model_repository} (log: {server.log_path})", flush=True)
+    print(f"starting tritonserver on {server.model_repository} (log: {server.log_path or 'stdout'})", flush=True)
     try:
         server.start(timeout=timeout)
     except TritonServerError as e:
@@ -295,13 +367,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         while not stop["now"]:
-            if server.process.poll() is not None:
+            if server.failure:
+                print(f"giving up: {server.failure}", file=sys.stderr)
+                return 3
+            if server.process.poll() is not None and not (server.supervisor and server.supervisor.busy):
                 print(f"tritonserver exited; log tail:\n{server.log_tail()}", file=sys.stderr)
                 return 1
+            reap_orphans(server.process.pid)
             time.sleep(0.5)
     finally:
         server.stop()
     return 0
+
+
+def reap_orphans(keep: int) -> None:
+    """As process 1 (a container's entrypoint), collect the exit status of orphans the kernel hands
+    to it (what a dead stub had started, once killed) so that they do not stay as zombies; the
+    server's own status (``keep``) is left to its Popen."""
+    if os.getpid() != 1:
+        return
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid == keep:
+            return
+        try:
+            os.waitpid(info.si_pid, os.WNOHANG)
+        except ChildProcessError:
+            return
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from audiostory_ensemble import interface as I
 from audiostory_ensemble.serving import control
 from audiostory_ensemble.serving.adapter import Parameters, error_response
 from audiostory_ensemble.serving.request import RequestError, parse_request
+from audiostory_ensemble.serving.stages import down_stage
 from audiostory_ensemble.serving.stitch import StoryAssembler
 
 
@@ -43,8 +44,9 @@ class TritonPythonModel:
                 return error_response(pb_utils, "cancelled by the client", pb_utils.TritonError.CANCELLED)
             if response.has_error():
                 message = response.error().message()
-                # BLS hands errors back as INTERNAL (2.51): restore the front door's UNAVAILABLE.
-                if message.startswith(control.BUSY):
+                # BLS hands errors back as INTERNAL (2.51): restore the front door's UNAVAILABLE
+                # (a full server, a stage that is down).
+                if message.startswith(control.BUSY) or down_stage(message):
                     return error_response(pb_utils, message, pb_utils.TritonError.UNAVAILABLE)
                 return pb_utils.InferenceResponse(error=response.error())
             audio = pb_utils.get_output_tensor_by_name(response, I.CLIP_AUDIO.name)

@@ -38,6 +38,7 @@ from audiostory_ensemble.serving.metrics import TTFC_BUCKETS, TTFC_DESCRIPTION, 
 from audiostory_ensemble.serving.placement import instance_gpu
 from audiostory_ensemble.serving.records import ClipMeta
 from audiostory_ensemble.serving.scheduler import StepScheduler
+from audiostory_ensemble.serving.stages import down_stage
 from audiostory_ensemble.serving.step_engines import OnnxStepEngine, TritonStepEngine
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -130,7 +131,8 @@ class TritonPythonModel:
                 await self._decode_and_send(sender, x, meta)
         except Exception as e:  # noqa: BLE001
             self.logger.log_error(f"dit_sampler: {type(e).__name__}: {e}")
-            send_error(pb_utils, sender, e)
+            # A stage it calls (the VAE, the DiT step) died or is reloading: UNAVAILABLE, naming it.
+            send_error(pb_utils, sender, e, pb_utils.TritonError.UNAVAILABLE if down_stage(str(e)) else None)
         finally:
             self._report_tracked()
 

@@ -9,11 +9,19 @@ Cancellation: a caller of this model directly sees ``is_cancelled()`` work; behi
 never fires (Triton 2.51), so the front door sends a control request with ``_CANCEL`` = the story's
 key (the ensemble request id, which reaches this model as its request id). Either way the plan's
 coroutine is cancelled and the planner aborts its vLLM requests.
+
+Faults: vLLM marks an engine dead when its engine core (or a worker under it) dies; a thread here
+looks every 0.25 s. Then every plan in flight is answered UNAVAILABLE at once ("stage llm is
+down: the generate engine died"), later requests are refused the same way, and the stage reports
+itself on the stage board: the supervisor kills what is left of the stage and reloads it (new
+engines, same options; nothing of the old requests kept). A remote tier's server that cannot be
+reached is answered UNAVAILABLE too (its own Deployment restarts it).
 """
 import asyncio
 import contextlib
 import locale
 import os
+import threading
 import time
 
 locale.setlocale(locale.LC_CTYPE, "")  # the stub starts with an ASCII locale; vLLM needs UTF-8
@@ -34,6 +42,7 @@ from audiostory_ensemble.serving.placement import visible_gpus  # noqa: E402
 from audiostory_ensemble.serving.processes import guard_children, release_guard  # noqa: E402
 from audiostory_ensemble.serving.records import ClipMeta  # noqa: E402
 from audiostory_ensemble.serving.request import RequestError, parse_request  # noqa: E402
+from audiostory_ensemble.serving.stages import StageDown, report  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -69,6 +78,10 @@ class TritonPythonModel:
                               "audiostory_plans_total": "Plans written"})
         self.plans_by_key = TasksByKey()            # story key -> its plan coroutines
         self.cancelled = CancelRegistry()   # a cancel may overtake its story's request
+        self.down = ""                      # why the stage cannot serve any more (a dead engine)
+        self.closing = threading.Event()
+        if not options.remote:
+            threading.Thread(target=self._watch_engines, name="llm-engine-watch", daemon=True).start()
         where = (f"remote: generate {options.generate_url}, pooling {options.pooling_url}" if options.remote
                  else f"in-process on {self.planner.converted.llm_dir}, CUDA_VISIBLE_DEVICES={gpus}")
         self.logger.log_info(f"llm: engines ready ({where})")
@@ -87,6 +100,9 @@ class TritonPythonModel:
             except RequestError as e:
                 send_error(pb_utils, sender, e)
                 continue
+            if self.down:
+                send_error(pb_utils, sender, StageDown(names.LLM, self.down), pb_utils.TritonError.UNAVAILABLE)
+                continue
             self.loop.submit(self._serve(request.request_id() or "", params, sender, time.time()))
         return None
 
@@ -98,6 +114,24 @@ class TritonPythonModel:
         self.metrics.counter("audiostory_cancel_requests_total", "Control requests that cancelled a story")
         self.logger.log_info(f"llm: cancel {key}: {plans} plan(s) in flight")
         self._report_tracked()
+
+    def _watch_engines(self):
+        while not self.closing.wait(0.25):
+            dead = self.planner.dead_engine()
+            if dead and not self.closing.is_set():      # not the engines' own shutdown
+                self._engine_died(f"{dead} died")
+                return
+
+    def _engine_died(self, what):
+        """An engine is dead: answer every plan in flight now, refuse the rest, ask for a restart."""
+        if self.down:
+            return
+        self.down = what
+        self.logger.log_error(f"llm: {what}; answering every plan UNAVAILABLE until the stage is restarted")
+        if not report(names.LLM, what):
+            self.logger.log_error("llm: no stage board (the server was not started by the server helper): "
+                                  "nothing will restart this stage")
+        self.loop.loop.call_soon_threadsafe(self.plans_by_key.cancel_all)   # on the loop that owns them
 
     def _report_tracked(self):
         self.metrics.tracked({"plans_by_key": len(self.plans_by_key), "cancelled_keys": len(self.cancelled),
@@ -139,11 +173,23 @@ class TritonPythonModel:
                     clips += 1
         except asyncio.CancelledError:
             # The planner's cleanup has aborted the vLLM requests by now.
-            self.metrics.counter("audiostory_plans_cancelled_total", "Plans stopped by a cancel")
+            if self.down and not sent_final:        # cancelled because an engine died
+                send_error(pb_utils, sender, StageDown(names.LLM, self.down, lost=True),
+                           pb_utils.TritonError.UNAVAILABLE)
+                sent_final = True
+            else:
+                self.metrics.counter("audiostory_plans_cancelled_total", "Plans stopped by a cancel")
         except Exception as e:  # noqa: BLE001 - every failure becomes an error response
             self.logger.log_error(f"llm: request {key}: {type(e).__name__}: {e}")
+            dead = self.planner.dead_engine()
+            if dead:
+                self._engine_died(f"{dead} died")
+                e = StageDown(names.LLM, self.down, lost=True)
+            elif self.planner.unreachable(e):
+                e = StageDown(names.LLM, str(e), lost=True)
             if not sent_final:
-                send_error(pb_utils, sender, e)
+                send_error(pb_utils, sender, e,
+                           pb_utils.TritonError.UNAVAILABLE if isinstance(e, StageDown) else None)
                 sent_final = True
         if not sent_final:
             sender.send(flags=FINAL)
@@ -152,6 +198,7 @@ class TritonPythonModel:
             self.metrics.plan_done(len(summary.generated_ids), clips)
 
     def finalize(self):
+        self.closing.set()
         self.planner.shutdown()
         self.loop.stop()
         if self.engine_metrics is not None:
