@@ -172,17 +172,24 @@ def test_a_dead_stub_costs_its_stories_and_comes_back(server, sample_instruction
     assert metrics.get(f"audiostory_stage_up{{{labels}}}", 1.0) in (0.0, 1.0)
 
 
-@pytest.mark.parametrize("kind, which, engine", [
-    ("EngineCore", 0, "generate"),     # the engines start in this order: generate, then pooling
-    ("EngineCore", 1, "pooling"),
-    ("Worker", 0, None),               # a worker's death takes its engine core down
-])
-def test_a_dead_vllm_process_restarts_the_llm_stage(server, sample_instructions, kind, which, engine):
+@pytest.mark.parametrize("kind, which, engine, idle", [
+    ("EngineCore", 0, "generate", False),   # the engines start in this order: generate, then pooling
+    ("EngineCore", 1, "pooling", False),
+    ("Worker", 0, None, True),              # a worker's death takes its engine core down; no story in
+])                                          # flight: only the llm stage's watch on its engines sees it
+def test_a_dead_vllm_process_restarts_the_llm_stage(server, sample_instructions, kind, which, engine, idle):
     before = _restarts(server, "llm")
     old = set(_vllm(server, "EngineCore") + _vllm(server, "Worker"))
-    outcome, took, record = _kill_during_story(server, sample_instructions[1][0], lambda: _vllm(server, kind)[which],
-                                               after_first_clip=False)
-    _assert_lost_or_completed(outcome, took, "llm")
+    if idle:
+        restarts = len(server.supervisor.history)
+        readiness = Readiness(server)
+        os.kill(_vllm(server, kind)[which], signal.SIGKILL)
+        _recovered(server, readiness, restarts)
+        record = server.supervisor.history[-1]
+    else:
+        outcome, took, record = _kill_during_story(server, sample_instructions[1][0],
+                                                   lambda: _vllm(server, kind)[which], after_first_clip=False)
+        _assert_lost_or_completed(outcome, took, "llm")
     assert record.model == "llm" and record.reason.endswith("engine died")
     if engine:
         assert record.reason == f"the {engine} engine died"
@@ -207,15 +214,21 @@ def test_a_dead_whole_story_instance_fails_its_request_and_comes_back(server, sa
             errors.append(e)
         done.set()
 
+    clips = lambda: scrape(server).get('audiostory_clips_total{model="dit_sampler"}', 0.0)  # noqa: E731
+    clips0 = clips()
     threading.Thread(target=whole, daemon=True).start()
-    wait_for(lambda: scrape(server).get(f'audiostory_active_stories{{model="{I.STREAM_MODEL}"}}', 0) >= 1,
-             what="the whole story to start")
+    # Killed once its first clip has reached it: the front door then sends the rest to a caller that
+    # died (measured: a send to a dead BLS caller blocks for good; sent from the front door's loop,
+    # it froze every story).
+    wait_for(lambda: clips() > clips0, what="the whole story's first clip")
+    time.sleep(0.5)
     os.kill(_stub(server, I.FULL_MODEL), signal.SIGKILL)
     killed = time.monotonic()
     assert done.wait(60)
     assert time.monotonic() - killed <= BOUND_S
     assert errors and "audiostory_full" in errors[0].message(), errors
     _recovered(server, readiness, restarts)
+    _new_story_succeeds(server)                    # the front door took no harm from the dead caller
     story = client.infer(I.FULL_MODEL, grpc_inputs(request_arrays("rain on a tin roof", total_duration=6.0,
                                                                   num_steps=2)), client_timeout=300)
     assert story.as_numpy(I.AUDIO.name).shape[1] > 0
