@@ -100,7 +100,7 @@ class AudioStoryClient:
             inputs.append(inp)
         outputs = [g.InferRequestedOutput(t.name) for t in I.CLIP_OUTPUTS]
         deadline = time.monotonic() + timeout
-        finished = False
+        finished = False        # the server ended the request (its final response, or an error)
         try:
             client.async_stream_infer(self.model, inputs, outputs=outputs, request_id=uuid.uuid4().hex,
                                       enable_empty_final_response=True)
@@ -113,6 +113,7 @@ class AudioStoryClient:
                 except queue.Empty:
                     continue
                 if error is not None:
+                    finished = True
                     raise AudioStoryError(str(error.message() if hasattr(error, "message") else error),
                                           error.status() if hasattr(error, "status") else None)
                 response = result.get_response()
@@ -123,7 +124,7 @@ class AudioStoryClient:
                     finished = True
                     return
         finally:
-            client.stop_stream(cancel_requests=not finished)
+            close_stream(client, cancel=not finished)
             client.close()
 
     def generate(self, instruction: str | None, *, on_clip=None, timeout: float = 600.0, **params) -> Story:
@@ -137,6 +138,18 @@ class AudioStoryClient:
             return story.finish()
         except ValueError as e:
             raise AudioStoryError(f"incomplete story: {e}") from None
+
+
+def close_stream(client, cancel: bool) -> None:
+    """Stop ``client``'s stream; ``cancel``: the requests still in flight are cancelled on the
+    server (a client leaving early). tritonclient (2.x) ends gRPC's request-stream thread only on a
+    clean stop: after ``stop_stream(cancel_requests=True)`` that thread waits for good for a next
+    request (one thread per story left early; the fault benchmark's clients had about 1,000). The
+    end-of-stream marker is put in here, as the clean stop does."""
+    stream = getattr(client, "_stream", None)
+    client.stop_stream(cancel_requests=cancel)
+    if cancel and stream is not None and hasattr(stream, "_request_queue"):
+        stream._request_queue.put(None)
 
 
 def generate_http(instruction: str | None, url: str = "127.0.0.1:8000", model: str = I.FULL_MODEL,

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.serving.processes import unlink_unmapped_shm
 from audiostory_ensemble.serving.triton_server import TritonServer
-from client.api import request_arrays
+from client.api import close_stream, request_arrays
 from export.make_repo import make_repo
 
 
@@ -94,7 +94,7 @@ class OpenStream:
         return self.responses.get(timeout=timeout)
 
     def cancel(self):
-        self.client.stop_stream(cancel_requests=True)
+        close_stream(self.client, cancel=True)
         self.client.close()
 
 

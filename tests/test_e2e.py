@@ -642,3 +642,15 @@ def test_per_request_state_is_released_after_every_mode_and_front_door(client, s
     # Remembered structures grow by at most this test's requests (19 plans) and never past their caps.
     grown = sizes[("llm", "plan_summaries")] - seen_before.get(("llm", "plan_summaries"), 0)
     assert 0 < grown <= 19
+
+
+def test_stories_that_end_early_leave_no_client_thread(server):
+    """A story the server refuses, and one the client leaves after its first clip, leave no thread
+    behind in the client library (tritonclient's cancelled stream kept one per story)."""
+    before = threading.active_count()
+    for _ in range(3):
+        with pytest.raises(AudioStoryError, match="GUIDANCE_SCALE"):
+            AudioStoryClient(server.grpc_url).generate("rain", total_duration=5.0, guidance=float("nan"))
+    for clip in AudioStoryClient(server.grpc_url).stream("rain on a roof", total_duration=8.0, num_steps=2):
+        break                                   # the client leaves: the story is cancelled
+    wait_for(lambda: threading.active_count() == before, timeout=10, what="the client's threads to end")
