@@ -77,10 +77,14 @@ def tree_roles(server) -> dict[str, int]:
 
 
 def classify(error: str) -> str:
-    if "it is restarting, retry" in error or "server busy" in error:
+    """``refused``: the story did not start (a stage restarting, the server busy, or not accepting
+    connections while it restarts); ``lost``: it was in flight on the part that died."""
+    low = error.lower()
+    if ("it is restarting, retry" in error or "server busy" in error or "failed to connect" in low
+            or "connection refused" in low):
         return "refused"
-    if ("was lost with it" in error or "is not healthy" in error or "Socket closed" in error
-            or "failed to connect" in error.lower() or "unavailable" in error.lower() or "connection" in error.lower()):
+    if ("was lost with it" in error or "is not healthy" in error or "socket closed" in low
+            or "stream removed" in low or "connection closed" in low or "unavailable" in low):
         return "lost"
     return "other"
 
@@ -137,12 +141,20 @@ class Clients:
             result = self._one(k, item)
             with self.lock:
                 self.results.append(result)
-            if result["outcome"] == "refused":
+            if result["outcome"] != "completed":       # back off, as the error asks
                 time.sleep(1.0)
 
     def completed_since(self, t: float) -> int:
         with self.lock:
             return sum(1 for r in self.results if r["outcome"] == "completed" and r["start"] >= t)
+
+    def flowing(self, t: float, stories: int = 3, timeout: float = 600.0) -> None:
+        """Wait until ``stories`` stories started after ``t`` completed (or the clients are done)."""
+        deadline = time.monotonic() + timeout
+        while self.completed_since(t) < stories and time.monotonic() < deadline:
+            if not any(th.is_alive() for th in self.threads):
+                raise RuntimeError("the clients ran out of stories before the server served again")
+            time.sleep(0.2)
 
 
 def inject(server, kind: str, clients: Clients, timeout: float = 600.0) -> dict:
@@ -198,18 +210,14 @@ def run(args) -> dict:
             items = workload(10_000, args.seed, args.steps)
             clients = Clients(server, items, args.concurrency, args.story_timeout).start()
             for kind in KINDS:
-                t = time.monotonic()
-                while clients.completed_since(t) < 3:       # stories flowing again
-                    time.sleep(0.2)
+                clients.flowing(time.monotonic())          # stories flowing again
                 time.sleep(rng.uniform(0.5, 2.0))
                 faults.append(inject(server, kind, clients))
                 print(f"faults: {faults[-1]['kind']}: detected {faults[-1]['detect_s']} s, back after "
                       f"{faults[-1]['recover_s']} s", flush=True)
                 if server.failure:
                     break
-            t = time.monotonic()
-            while clients.completed_since(t) < 3:
-                time.sleep(0.2)
+            clients.flowing(time.monotonic())
             while not clients.todo.empty():                  # stop the clients: nothing more to take
                 try:
                     clients.todo.get_nowait()

@@ -7,7 +7,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.serving.processes import alive, descendants, shm_mappings
+from audiostory_ensemble.serving.processes import alive, cmdline, descendants, shm_mappings
 from client.api import AudioStoryClient, AudioStoryError, request_arrays
 from tests.serverutil import OpenStream, grpc_inputs, infer_error, metric, scrape, served, wait_for
 
@@ -69,17 +69,22 @@ def test_whole_story_requests_past_the_queue_fail_fast(server, sample_instructio
 
 
 def test_killing_the_server_leaves_none_of_its_processes(server):
-    """Nothing outlives the server: its stubs notice, the engines' watchdog kills vLLM's processes and
-    removes their shared memory; the supervisor does not restart a server that died (its launcher
-    exits non-zero: tests/test_supervisor.py)."""
+    """Nothing outlives the server: its stubs notice and exit, the engines' watchdog kills vLLM's
+    processes and removes their shared memory, and the supervisor stops whatever is still there
+    after a grace (a stub waiting on the dead server's answer never exits by itself); it does not
+    restart a server that died (its launcher exits non-zero: tests/test_supervisor.py)."""
     tree = descendants(server.process.pid)
     assert len(tree) >= 5   # stubs, vLLM engine processes, the guard
     engine_shm = [p for p in shm_mappings(tree) if "triton_python_backend" not in p]
     assert engine_shm, "vLLM's shared-memory queues were expected in the tree"
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait(30)
-    wait_for(lambda: not [p for p in tree if alive(p)], timeout=120, interval=0.5,
-             what="the server's stubs and engines to exit")
+    try:
+        wait_for(lambda: not [p for p in tree if alive(p)], timeout=120, interval=0.5,
+                 what="the server's stubs and engines to exit")
+    except AssertionError as e:
+        left = {p: " ".join(cmdline(p))[:120] for p in tree if alive(p)}
+        raise AssertionError(f"{e}; still running: {left}") from None
     wait_for(lambda: not [p for p in engine_shm if os.path.exists(p)], timeout=60, interval=0.5,
              what="the engines' shared memory to be removed")
     assert server.failure is None and not server.supervisor.busy and len(server.supervisor.history) == 0

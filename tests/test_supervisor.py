@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from audiostory_ensemble.serving import stages
-from audiostory_ensemble.serving.processes import children, descendants, kill_and_wait, start_time
+from audiostory_ensemble.serving.processes import children, descendants, kill_and_wait, shm_mappings, start_time
 from audiostory_ensemble.serving.triton_server import free_port
 from tests.serverutil import ProcessTree, wait_for
 
@@ -124,6 +124,9 @@ class Launcher:
         self.tree = ProcessTree(cmd, log_dir / "supervised_launcher.log", env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.grpc_url = f"127.0.0.1:{self.ports[1]}"
         wait_for(self.ready, timeout=120, interval=0.2, what="the supervised server to be ready")
+        # Triton answers ready before the launcher is done starting (its supervisor's first look).
+        wait_for(lambda: "ready: gRPC" in Path(self.tree.log).read_text(), timeout=60, interval=0.2,
+                 what="the launcher to say it is ready")
 
     def ready(self) -> bool:
         if self.tree.poll() is not None:
@@ -183,12 +186,21 @@ def test_a_dead_stub_is_reloaded_and_a_crash_loop_ends_the_launcher_with_status_
 
 
 def test_a_server_that_dies_ends_the_launcher_with_status_1_and_a_signal_with_0(repository, test_build_dir):
+    """The launcher exits 1 and nothing of the server is left: not even a stub that cannot exit by
+    itself (``gauge_loop`` waits for ever on the dead server's answer to a metric set, holding the
+    GIL), nor its shared memory."""
+    shutil.copytree(FIXTURES / "gauge_loop", repository / "gauge_loop")
     launcher = Launcher(repository, test_build_dir)
     tree = [launcher.tree.proc.pid, *descendants(launcher.tree.proc.pid)]
+    stuck = [p for p in children(launcher.server_pid) if "gauge_loop" in Path(f"/proc/{p}/cmdline").read_text()]
+    shm = shm_mappings(tree)
+    assert stuck and shm
     try:
         os.kill(launcher.server_pid, signal.SIGKILL)
         assert launcher.tree.proc.wait(60) == 1
         wait_for(lambda: not [p for p in tree if start_time(p) is not None], timeout=30, what="no process left")
+        assert "stopping 1 process(es) the server left" in Path(launcher.tree.log).read_text()
+        assert not [p for p in shm if os.path.exists(p)]
     finally:
         launcher.tree.stop()
     launcher = Launcher(repository, test_build_dir)

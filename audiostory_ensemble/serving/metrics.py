@@ -160,6 +160,7 @@ class BoardMetrics:
                                                description="Restarts of the stage by the supervisor")
         self._metrics: dict[str, tuple[object, object]] = {}
         self._counted: dict[str, int] = {}
+        self._up_values: dict[str, float] = {}
         self._stop = threading.Event()
         self.refresh()
         self._thread = threading.Thread(target=self._run, name="board-metrics", daemon=True)
@@ -172,7 +173,10 @@ class BoardMetrics:
                 self._metrics[stage] = (self._up.Metric(labels=labels), self._restarts.Metric(labels=labels))
                 self._counted[stage] = 0
             up, restarts = self._metrics[stage]
-            up.set(1.0 if state.up else 0.0)
+            value = 1.0 if state.up else 0.0
+            if self._up_values.get(stage) != value:     # a set is a round trip to the server: only changes
+                up.set(value)
+                self._up_values[stage] = value
             if state.restarts > self._counted[stage]:
                 restarts.increment(state.restarts - self._counted[stage])
                 self._counted[stage] = state.restarts

@@ -72,6 +72,12 @@ class Stub:
     model: str
     instance: str
     family: dict[int, int] = field(default_factory=dict)
+    shm: set[str] = field(default_factory=set)      # /dev/shm files it and its family were seen mapping
+
+    def look(self) -> None:
+        """Record the processes it started since and the shared memory they map."""
+        self.family.update(family_of(self.pid))
+        self.shm.update(shm_mappings([self.pid, *self.family]))
 
     def alive(self) -> bool:
         return start_time(self.pid) == self.started
@@ -154,8 +160,9 @@ class Supervisor:
 
     @property
     def busy(self) -> bool:
-        """A restart is queued or running."""
-        return bool(self._pending) or self._server_restart is not None
+        """A restart is queued or running (a death being recorded counts: the lock is held then)."""
+        with self._lock:
+            return bool(self._pending) or self._server_restart is not None
 
     def _learn(self, models: set[str] | None = None, known: set[int] = frozenset()) -> None:
         """Watch the server's stubs (of ``models``, or all), except the pids in ``known`` (stubs of
@@ -166,7 +173,7 @@ class Supervisor:
         for pid, stub in find_stubs(server.pid).items():
             if pid in known or (models is not None and stub.model not in models):
                 continue
-            stub.family = family_of(pid)
+            stub.look()
             self._watched[pid] = stub
             if stub.model not in self.board.stages:
                 self.board.set(stub.model, UP)
@@ -197,6 +204,7 @@ class Supervisor:
                 if self._server_restart is None:          # not our own restart: the launcher's to handle
                     log.error("tritonserver exited (code %s); nothing more to supervise",
                               None if proc is None else proc.returncode)
+                    self._stop_leftovers()
                     return
                 continue
             with self._lock:
@@ -211,7 +219,35 @@ class Supervisor:
                 last_families = time.monotonic()
                 with self._lock:
                     for stub in self._watched.values():
-                        stub.family.update(family_of(stub.pid))
+                        stub.look()
+
+    def _stop_leftovers(self, grace_s: float = 2.0) -> None:
+        """The server died: stop what it left. A stub notices its parent's death within a second and
+        exits, unless it cannot: one whose thread was waiting on the server's answer (a metric's
+        ``set`` waits for ever, holding the GIL) never exits, and its engines live on with it. After
+        ``grace_s``, every process the stubs were seen with is killed and the shared memory they
+        held is removed (the server that owned the stubs' regions is gone)."""
+        with self._lock:
+            victims: dict[int, int] = {}
+            shm: set[str] = set()
+            for stub in [*self._watched.values(), *(s for dead in self._dead.values() for s in dead)]:
+                victims[stub.pid] = stub.started
+                victims.update(stub.family)
+                shm |= stub.shm
+            self._watched.clear()
+        live = [p for p, s in victims.items() if start_time(p) == s]
+        shm |= set(shm_mappings(live))
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(start_time(p) == victims[p] for p in live):
+            time.sleep(0.1)
+        left = [p for p in live if start_time(p) == victims[p]]
+        if left:
+            log.warning("stopping %d process(es) the server left: %s", len(left),
+                        ", ".join(f"{p} ({' '.join(cmdline(p))[:60]})" for p in left))
+        stuck = kill_and_wait({p: victims[p] for p in left})
+        if stuck:
+            log.error("processes %s survived SIGKILL", stuck)
+        unlink_unmapped_shm([], sorted(shm), timeout=0)
 
     def _down(self, model: str, reason: str, dead: list[Stub] = (), reported: bool = False) -> None:
         """Mark ``model`` restarting and queue its restart (once; later deaths join the queued one).

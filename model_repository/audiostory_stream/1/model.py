@@ -23,7 +23,7 @@ control and cancellation.
   The first instance exports the board as `audiostory_stage_up` / `audiostory_stage_restarts_total`.
 - Every response is sent from a thread, never from the loop: a BLS caller that died (an
   `audiostory_full` instance) never takes its responses, and Triton's send then blocks for good
-  (seen: the whole front door froze on one such send). A send unfinished after `send_timeout_s`
+  (seen: the whole front door froze on one such send). A send unfinished after 10 s
   ends that story (its stages are told to stop) and is counted as stuck; past a bound (Triton's
   python backend has 32 threads per instance for sends), this stage asks for its own restart.
 """
