@@ -47,7 +47,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .processes import children, cmdline, descendants, kill_and_wait, shm_mappings, start_time, unlink_unmapped_shm
+from .processes import (
+    alive,
+    children,
+    cmdline,
+    descendants,
+    kill_and_wait,
+    shm_mappings,
+    start_time,
+    unlink_unmapped_shm,
+)
 from .stages import FAILED, RESTARTING, UP, Board
 
 log = logging.getLogger("audiostory.supervisor")
@@ -200,16 +209,16 @@ class Supervisor:
         last_families = time.monotonic()
         while not self._stop.wait(self.policy.poll_s):
             proc = self.server.process
-            if proc is None or proc.poll() is not None:
+            if not self._server_alive():
                 if self._server_restart is None:          # not our own restart: the launcher's to handle
                     log.error("tritonserver exited (code %s); nothing more to supervise",
-                              None if proc is None else proc.returncode)
+                              None if proc is None else proc.poll())
                     self._stop_leftovers()
                     return
                 continue
             with self._lock:
                 for pid, stub in list(self._watched.items()):
-                    if not stub.alive():
+                    if not stub.alive() and self._server_alive():   # stubs die with their server
                         del self._watched[pid]
                         self._down(stub.model, f"its process {stub.instance} (pid {pid}) died", dead=[stub])
             for stage, reason in self.board.take_reports():
@@ -220,6 +229,13 @@ class Supervisor:
                 with self._lock:
                     for stub in self._watched.values():
                         stub.look()
+
+    def _server_alive(self) -> bool:
+        """Read from /proc, not ``Popen.poll()``: poll answers None (running) while another thread
+        waits on the process, and a dead server's stubs, which exit on their own, would then look
+        like stages to restart."""
+        proc = self.server.process
+        return proc is not None and proc.returncode is None and alive(proc.pid)
 
     def _stop_leftovers(self, grace_s: float = 2.0) -> None:
         """The server died: stop what it left. A stub notices its parent's death within a second and
@@ -294,7 +310,7 @@ class Supervisor:
                 else:
                     self._restart_stage(restart)
             except Exception as e:  # noqa: BLE001 - a recovery that fails is a failure, said once
-                if not self._stop.is_set():
+                if not self._stop.is_set() and (restart.server or self._server_alive()):
                     self._fail(f"restarting {model} failed: {type(e).__name__}: {e}", model, restart)
             finally:
                 with self._lock:
