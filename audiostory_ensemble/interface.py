@@ -12,7 +12,10 @@ from .model.config import (
     DEFAULT_DURATION_POLICY,
     DEFAULT_GUIDANCE,
     DEFAULT_NUM_STEPS,
+    DEFAULT_PLAN_TEMPERATURE,
+    DEFAULT_PLAN_TOP_P,
     DEFAULT_SEED,
+    MAX_PLAN_TEMPERATURE,
     DEFAULT_TOTAL_DURATION_S,
     OUTPUT_SAMPLE_RATE,
 )
@@ -49,7 +52,7 @@ TOTAL_DURATION = Tensor("TOTAL_DURATION", "FP32", (1,), "requested story length 
                         DEFAULT_TOTAL_DURATION_S, True)
 GUIDANCE_SCALE = Tensor("GUIDANCE_SCALE", "FP32", (1,), "classifier-free guidance scale",
                         DEFAULT_GUIDANCE, True)
-SEED = Tensor("SEED", "INT64", (1,), "seed: lead phrase and initial noise (0 = the reference)",
+SEED = Tensor("SEED", "INT64", (1,), "seed: lead phrase, initial noise and a sampled plan (0 = the reference)",
               DEFAULT_SEED, True)
 NUM_STEPS = Tensor("NUM_STEPS", "INT32", (1,), "flow-matching Euler steps", DEFAULT_NUM_STEPS, True)
 DURATION_POLICY = Tensor("DURATION_POLICY", "BYTES", (1,),
@@ -62,8 +65,14 @@ INPUT_AUDIO = Tensor("INPUT_AUDIO", "FP32", (-1, -1), "continuation: the audio t
                      "samples], at most 30 s", None, True)
 INPUT_SAMPLE_RATE = Tensor("INPUT_SAMPLE_RATE", "INT32", (1,), "continuation: INPUT_AUDIO's sample rate "
                            "(required with it)", None, True)
+PLAN_TEMPERATURE = Tensor("PLAN_TEMPERATURE", "FP32", (1,), "the plan's sampling temperature, in "
+                          f"[0, {MAX_PLAN_TEMPERATURE:g}]: 0 is greedy (the official plan); above 0 each SEED gives "
+                          "its own take, the same one every time; refused in script mode",
+                          DEFAULT_PLAN_TEMPERATURE, True)
+PLAN_TOP_P = Tensor("PLAN_TOP_P", "FP32", (1,), "the plan's nucleus sampling, in (0, 1] (1 = off; only with "
+                    "PLAN_TEMPERATURE above 0); refused in script mode", DEFAULT_PLAN_TOP_P, True)
 REQUEST_INPUTS = (INSTRUCTION, TOTAL_DURATION, GUIDANCE_SCALE, SEED, NUM_STEPS, DURATION_POLICY, SEGMENTS,
-                  INPUT_AUDIO, INPUT_SAMPLE_RATE)
+                  INPUT_AUDIO, INPUT_SAMPLE_RATE, PLAN_TEMPERATURE, PLAN_TOP_P)
 
 # ---- streamed outputs: one response per clip (`audiostory`) -------------------------------------
 CLIP_AUDIO = Tensor("CLIP_AUDIO", "FP32", (2, -1), f"the clip, stereo, {OUTPUT_SAMPLE_RATE} Hz, "

@@ -25,7 +25,8 @@ from .api import AudioStoryClient, AudioStoryError, generate_http, health_check
 
 def _params(args) -> dict:
     params = {"total_duration": args.duration, "guidance": args.guidance, "seed": args.seed,
-              "num_steps": args.steps, "duration_policy": args.duration_policy}
+              "num_steps": args.steps, "duration_policy": args.duration_policy,
+              "plan_temperature": args.plan_temperature, "plan_top_p": args.plan_top_p}
     if args.script:
         params["segments"] = Path(args.script).read_text()
     if args.continue_from:
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None, help="seed (server default 0 = the reference)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (server default 50)")
     g.add_argument("--duration-policy", choices=["model", "exact"], default=None)
+    g.add_argument("--plan-temperature", type=float, default=None,
+                   help="sample the plan (server default 0 = greedy, the official plan); a take per --seed")
+    g.add_argument("--plan-top-p", type=float, default=None, help="nucleus sampling of the plan, in (0, 1]")
     g.add_argument("--url", default="127.0.0.1:8001", help="gRPC address")
     g.add_argument("--http", action="store_true", help="use audiostory_full over HTTP instead of streaming")
     g.add_argument("--http-url", default="127.0.0.1:8000")

@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 
 from audiostory_ensemble import interface as I
+from audiostory_ensemble.model.grammar import model_failed
 from audiostory_ensemble.serving.control import BUSY
 from audiostory_ensemble.serving.stages import down_stage
 from audiostory_ensemble.serving.stitch import Clip, Story, StoryAssembler
@@ -24,7 +25,8 @@ class AudioStoryError(RuntimeError):
 
     ``status``: the gRPC status name (``UNAVAILABLE``, ``INVALID_ARGUMENT``, ...) where the transport
     carried one. Triton's streaming protocol carries only an error's message, so for a streamed
-    story the status is read from it: UNAVAILABLE when the server was busy or a stage was down.
+    story the status is read from it: UNAVAILABLE when the server was busy or a stage was down,
+    UNKNOWN when the model wrote no usable plan.
     ``retryable``: the same request may succeed later (UNAVAILABLE)."""
 
     def __init__(self, message: str, status: str | None = None):
@@ -33,6 +35,8 @@ class AudioStoryError(RuntimeError):
         status = _HTTP_STATUS.get(status, status)
         if status in (None, "INTERNAL") and (message.startswith(BUSY) or down_stage(message)):
             status = "UNAVAILABLE"
+        elif status in (None, "INTERNAL") and model_failed(message):
+            status = "UNKNOWN"        # the model's plan failed, not the server (a stream carries no code)
         self.status = status
 
     @property
@@ -43,17 +47,19 @@ class AudioStoryError(RuntimeError):
 def request_arrays(instruction: str | None, total_duration: float | None = None, guidance: float | None = None,
                    seed: int | None = None, num_steps: int | None = None,
                    duration_policy: str | None = None, segments=None, input_audio: np.ndarray | None = None,
-                   input_sample_rate: int | None = None) -> dict[str, np.ndarray]:
+                   input_sample_rate: int | None = None, plan_temperature: float | None = None,
+                   plan_top_p: float | None = None) -> dict[str, np.ndarray]:
     """The request's input tensors; ``None`` leaves an optional input out (server default).
 
     ``segments``: script mode, a list of ``{"start", "end", "caption"}`` dicts (or their JSON text).
     ``input_audio``: continuation, ``[channels, samples]`` (or ``[samples]``) with ``input_sample_rate``.
+    ``plan_temperature`` / ``plan_top_p``: a sampled plan (a take per ``seed``); left out, greedy.
     """
     if segments is not None and not isinstance(segments, (str, bytes)):
         segments = json.dumps(list(segments))
     values = {I.INSTRUCTION: instruction, I.TOTAL_DURATION: total_duration, I.GUIDANCE_SCALE: guidance,
               I.SEED: seed, I.NUM_STEPS: num_steps, I.DURATION_POLICY: duration_policy, I.SEGMENTS: segments,
-              I.INPUT_SAMPLE_RATE: input_sample_rate}
+              I.INPUT_SAMPLE_RATE: input_sample_rate, I.PLAN_TEMPERATURE: plan_temperature, I.PLAN_TOP_P: plan_top_p}
     out = {}
     if input_audio is not None:
         a = np.asarray(input_audio, dtype=np.float32)
@@ -102,8 +108,21 @@ class AudioStoryClient:
         deadline = time.monotonic() + timeout
         finished = False        # the server ended the request (its final response, or an error)
         try:
-            client.async_stream_infer(self.model, inputs, outputs=outputs, request_id=uuid.uuid4().hex,
-                                      enable_empty_final_response=True)
+            try:
+                client.async_stream_infer(self.model, inputs, outputs=outputs, request_id=uuid.uuid4().hex,
+                                          enable_empty_final_response=True)
+            except g.InferenceServerException as e:
+                # The stream broke before the request went out (no server there, or a server
+                # restarting): tritonclient says only "no longer in valid state"; the reason went to
+                # the callback. A connection that never carried the request: UNAVAILABLE, retry later.
+                finished = True
+                try:
+                    _, error = responses.get(timeout=1.0)
+                except queue.Empty:
+                    error = None
+                detail = error.message() if hasattr(error, "message") else e.message()
+                raise AudioStoryError(f"the server at {self.url} could not take the stream: {detail}",
+                                      "UNAVAILABLE") from None
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -96,7 +96,7 @@ def test_continuation_input_is_read_and_prepended(tmp_path):
     mono = (0.25 * np.sin(np.arange(rate * 4) * 2 * np.pi * 440 / rate)).astype(np.float32)
     sf.write(str(wav), mono, rate)
     args = argparse.Namespace(duration=6.0, guidance=None, seed=None, steps=None, duration_policy=None,
-                              script=None, continue_from=str(wav))
+                              plan_temperature=None, plan_top_p=None, script=None, continue_from=str(wav))
     params = _params(args)
     assert params["input_audio"].shape == (1, rate * 4) and params["input_audio"].dtype == np.float32
     assert type(params["input_sample_rate"]) is int
@@ -105,3 +105,27 @@ def test_continuation_input_is_read_and_prepended(tmp_path):
     story = np.zeros((2, 6 * OUTPUT_SAMPLE_RATE), dtype=np.float32)
     joined = prepend_input(story, params["input_audio"], params["input_sample_rate"])
     assert joined.shape == (2, (4 + 6 - int(CROSSFADE_S)) * OUTPUT_SAMPLE_RATE) and joined.dtype == np.float32
+
+
+def test_no_server_to_stream_to_is_unavailable_with_the_reason():
+    """tritonclient only says its stream is "no longer in valid state" when the connection failed
+    before the request went out; the client says why, as UNAVAILABLE (retry later)."""
+    from audiostory_ensemble.serving.triton_server import free_port
+    from client.api import AudioStoryClient, AudioStoryError
+
+    with pytest.raises(AudioStoryError) as e:
+        AudioStoryClient(f"127.0.0.1:{free_port()}").generate("rain", total_duration=5.0, timeout=30)
+    assert e.value.status == "UNAVAILABLE" and e.value.retryable
+    assert "could not take the stream" in str(e.value) and "onnect" in str(e.value)
+
+
+@pytest.mark.parametrize("message, status", [
+    ("llm: the model wrote no usable plan: malformed plan at clip 0", "UNKNOWN"),
+    ("stage llm is down: the generate engine died; it is restarting, retry in a few seconds", "UNAVAILABLE"),
+    ("dit_sampler: something else broke", None),
+])
+def test_a_streamed_error_gets_its_status_from_the_message(message, status):
+    from client.api import AudioStoryError
+
+    assert AudioStoryError(message).status == status
+    assert AudioStoryError(message, "StatusCode.INTERNAL").status == (status or "INTERNAL")

@@ -12,12 +12,14 @@ from client.api import AudioStoryClient, AudioStoryError, request_arrays
 from tests.serverutil import OpenStream, grpc_inputs, infer_error, metric, scrape, served, wait_for
 
 CAPACITY = 2
+KNOWN_MALFORMED = "A cat meows, then a door slams."    # at 12 s, unconstrained (tests/test_planner.py)
 
 
 @pytest.fixture(scope="module")
 def server(exported, test_build_dir):
+    # The plan grammar off (as the official code runs): the unusable plan's status is tested here.
     with served(test_build_dir, "fault", {"limits": {"max_active_stories": CAPACITY}, "full_instances": 1,
-                                          "full_max_queue": 1}) as s:
+                                          "full_max_queue": 1, "engine_options": {"plan_grammar": False}}) as s:
         yield s
 
 
@@ -66,6 +68,19 @@ def test_whole_story_requests_past_the_queue_fail_fast(server, sample_instructio
     assert e is not None and e.status() == "StatusCode.UNAVAILABLE" and "queue" in e.message()   # ... refused
     wait_for(lambda: len(results) == 2, timeout=300, what="the two admitted stories")
     assert results == [None, None]
+
+
+def test_a_plan_the_model_botches_is_the_models_failure_not_the_servers(server):
+    """Without the grammar the tiny model writes no usable plan for this request: both doors answer
+    UNKNOWN (not INTERNAL) saying the model failed, and the server's log holds the text it wrote."""
+    request = dict(total_duration=12.0, num_steps=2)
+    with pytest.raises(AudioStoryError) as e:
+        AudioStoryClient(server.grpc_url).generate(KNOWN_MALFORMED, timeout=120, **request)
+    assert e.value.status == "UNKNOWN" and not e.value.retryable and "the model wrote no usable plan" in str(e.value)
+    err = infer_error(server.grpc_url, I.FULL_MODEL, request_arrays(KNOWN_MALFORMED, **request))
+    assert err is not None and err.status() == "StatusCode.UNKNOWN" and "no usable plan" in err.message()
+    assert "generated text: '2 events. 12.0 = 6.0 + 6.0." in server.log_tail(400_000)
+    assert metric(server, "audiostory_plans_unusable_total", "llm") == 2
 
 
 def test_killing_the_server_leaves_none_of_its_processes(server):

@@ -32,6 +32,15 @@ def test_defaults_are_the_reference_defaults():
     (dict(instruction="a", num_steps=0), "NUM_STEPS"),
     (dict(instruction="a", num_steps=100000), "NUM_STEPS"),
     (dict(instruction="a", duration_policy="fast"), "DURATION_POLICY"),
+    (dict(instruction="a", plan_temperature=-0.5), "PLAN_TEMPERATURE"),
+    (dict(instruction="a", plan_temperature=2.01), "PLAN_TEMPERATURE"),
+    (dict(instruction="a", plan_temperature=float("inf")), "PLAN_TEMPERATURE"),
+    (dict(instruction="a", plan_top_p=0.0), "PLAN_TOP_P"),
+    (dict(instruction="a", plan_top_p=-1.0), "PLAN_TOP_P"),
+    (dict(instruction="a", plan_top_p=float("nan")), "PLAN_TOP_P"),
+    (dict(instruction=None, segments='[{"start": 0, "end": 3, "caption": "rain"}]', plan_temperature=0.5),
+     "PLAN_TEMPERATURE"),
+    (dict(instruction=None, segments='[{"start": 0, "end": 3, "caption": "rain"}]', plan_top_p=0.9), "PLAN_TOP_P"),
 ])
 def test_bad_values_name_the_field(params, field):
     with pytest.raises(RequestError, match=field):
@@ -50,6 +59,15 @@ def test_refusals_print_the_request_values_as_plain_numbers(params, message):
     with pytest.raises(RequestError) as e:
         parse(**params)
     assert str(e.value) == message
+
+
+def test_plan_sampling_is_greedy_unless_asked_and_passes_through_as_typed():
+    p = parse(instruction="a")
+    assert (p.plan_temperature, p.plan_top_p) == (0.0, 1.0)
+    p = parse(instruction="a", plan_temperature=0.7, plan_top_p=0.9)
+    assert (p.plan_temperature, p.plan_top_p) == (0.7, 0.9)      # FP32 on the wire, the typed decimal here
+    p = parse(instruction="a", plan_temperature=2.0, plan_top_p=1.0)
+    assert (p.plan_temperature, p.plan_top_p) == (2.0, 1.0)
 
 
 def test_wrong_dtype_and_shape_name_the_field():

@@ -25,6 +25,8 @@ import numpy as np
 from audiostory_ensemble.model.config import (
     DEFAULT_GUIDANCE,
     DEFAULT_NUM_STEPS,
+    DEFAULT_PLAN_TEMPERATURE,
+    DEFAULT_PLAN_TOP_P,
     DEFAULT_SEED,
     DEFAULT_TOTAL_DURATION_S,
     OUTPUT_SAMPLE_RATE,
@@ -156,7 +158,8 @@ def build(triton_url: str):
                   f"in {time.perf_counter() - t0:.1f} s")
         yield [status, gr.update(value=rows), gr.update(value=plan_rows(result.clips)), str(out)]
 
-    def generate(instruction, total_duration, guidance, seed, steps, segments, input_audio):
+    def generate(instruction, total_duration, guidance, seed, steps, segments, input_audio, plan_temperature,
+                 plan_top_p):
         empty_clips = [gr.update(value=None, visible=False, label=f"clip {i}") for i in range(MAX_CLIPS)]
         status = "planning…"
         yield [status, gr.update(value=[]), None, None, None, *empty_clips]
@@ -164,10 +167,12 @@ def build(triton_url: str):
         t0 = time.perf_counter()
         client = AudioStoryClient(triton_url)
         params = dict(guidance=float(guidance), seed=int(seed), num_steps=int(steps))
-        if segments and segments.strip():     # script mode: the timeline sets the length
+        if segments and segments.strip():     # script mode: the timeline sets the length (nothing is sampled)
             params["segments"] = segments
         else:
             params["total_duration"] = float(total_duration)
+            if float(plan_temperature) != DEFAULT_PLAN_TEMPERATURE:     # a sampled plan: a take per seed
+                params["plan_temperature"], params["plan_top_p"] = float(plan_temperature), float(plan_top_p)
         if input_audio is not None:           # continuation: (rate, [T] or [T, C]) from the upload
             rate, data = input_audio
             params["input_audio"], params["input_sample_rate"] = audio_from_upload(data), int(rate)
@@ -206,6 +211,9 @@ def build(triton_url: str):
                     guidance = gr.Number(label="Guidance", value=DEFAULT_GUIDANCE, elem_id="guidance")
                     seed = gr.Number(label="Seed", value=DEFAULT_SEED, precision=0, elem_id="seed")
                     steps = gr.Number(label="Steps", value=DEFAULT_NUM_STEPS, precision=0, elem_id="steps")
+                    plan_temperature = gr.Number(label="Plan temperature (0 = greedy)", value=DEFAULT_PLAN_TEMPERATURE,
+                                                 elem_id="plan-temperature")
+                    plan_top_p = gr.Number(label="Plan top-p", value=DEFAULT_PLAN_TOP_P, elem_id="plan-top-p")
                 with gr.Row():
                     segments = gr.Textbox(label="Script (optional): SEGMENTS as JSON — dubs this timeline; the "
                                           "instruction may stay empty", lines=3, elem_id="segments",
@@ -221,7 +229,8 @@ def build(triton_url: str):
                 download = gr.File(label="Download WAV", elem_id="download", interactive=False)
                 clip_players = [gr.Audio(label=f"clip {i}", visible=False, interactive=False, elem_id=f"clip-{i}")
                                 for i in range(MAX_CLIPS)]
-                run.click(generate, [instruction, total, guidance, seed, steps, segments, input_audio],
+                run.click(generate, [instruction, total, guidance, seed, steps, segments, input_audio,
+                                     plan_temperature, plan_top_p],
                           [status, plan, story_audio, picture, download, *clip_players])
             with gr.Tab("Dubbing", id="dubbing"):
                 gr.Markdown("A video and its sound-description subtitles (`[door creaks]`, `(dog barking)`) "

@@ -19,6 +19,10 @@ class EngineOptions:
     max_num_seqs: int = 64
     enable_prefix_caching: bool = True
     seed: int = 0
+    # Constrain each generate part to the plan grammar (model/grammar.py: plan_grammar), with
+    # vLLM's structured outputs on the guidance backend. False: free text parsed afterwards, as the
+    # official code does (a plan that does not parse fails its request).
+    plan_grammar: bool = True
     # The disaggregated tier: both URLs set = no engines in-process, vLLM OpenAI servers instead
     # (see remote_llm.py); the servers run the converted llm folder under `remote_model`.
     generate_url: str = ""
@@ -35,7 +39,8 @@ class EngineOptions:
     # What the planner itself sets on the engines: the model, its role, and the fields above.
     PLANNER_SET = ("model", "tokenizer", "runner", "convert", "pooler_config", "enable_prompt_embeds",
                    "disable_log_stats", "generation_config", "dtype", "max_model_len", "tensor_parallel_size",
-                   "enforce_eager", "seed", "max_num_seqs", "gpu_memory_utilization", "enable_prefix_caching")
+                   "enforce_eager", "seed", "max_num_seqs", "gpu_memory_utilization", "enable_prefix_caching",
+                   "structured_outputs_config")
 
     @property
     def remote(self) -> bool:

@@ -46,13 +46,24 @@ import numpy as np
 from ..model.checkpoint import Converted, load_converted
 from ..model.config import (
     DEFAULT_DURATION_POLICY,
+    DEFAULT_PLAN_TEMPERATURE,
+    DEFAULT_PLAN_TOP_P,
     DEFAULT_SEED,
     DEFAULT_TOTAL_DURATION_S,
     DURATION_POLICIES,
     MAX_DURATION_S,
     MAX_NEW_TOKENS,
 )
-from ..model.grammar import ClipSpan, PlanError, TokenIds, build_instruction, build_prompt, parse_plan
+from ..model.grammar import (
+    ClipSpan,
+    PlanError,
+    TokenIds,
+    build_instruction,
+    build_prompt,
+    parse_plan,
+    plan_grammar,
+    plan_part,
+)
 from ..serving.processes import descendants, shm_mappings, unlink_unmapped_shm
 from . import script as script_mod
 from .audio_input import audio_block, continuation_instruction
@@ -61,6 +72,9 @@ from .plan_tokens import PlanTokens
 from .script import ScriptClip
 
 MAX_SUMMARIES = 256     # plan summaries kept (the newest); older ones are dropped
+# vLLM's structured-outputs backend for the plan grammar: llguidance reads Lark with tokens named by
+# id and never lets text spell an added token (xgrammar and outlines do neither).
+GRAMMAR_BACKEND = "guidance"
 
 class PlannerError(RuntimeError):
     """The planner could not produce a plan (engine failure, or unusable model output)."""
@@ -73,6 +87,8 @@ class PlanRequest:
     seed: int = DEFAULT_SEED
     duration_policy: str = DEFAULT_DURATION_POLICY
     max_new_tokens: int = MAX_NEW_TOKENS
+    temperature: float = DEFAULT_PLAN_TEMPERATURE    # 0: greedy, the official behaviour
+    top_p: float = DEFAULT_PLAN_TOP_P
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     script: list[ScriptClip] | None = None      # script mode: the forced plan (no generation)
     audio_rows: np.ndarray | None = None        # continuation: the resampler's rows [audio_tokens, H]
@@ -82,6 +98,7 @@ class PlanRequest:
         """From validated request params (``serving.request.RequestParams``): the instruction per mode."""
         script = script_mod.plan_clips(params.segments) if params.segments else None
         return cls(params.instruction, params.total_duration, params.seed, params.duration_policy,
+                   temperature=params.plan_temperature, top_p=params.plan_top_p,
                    script=script, audio_rows=audio_rows, **kw)
 
 
@@ -126,6 +143,7 @@ class Planner:
         self.summaries: dict[str, PlanSummary] = {}
         self._engine_ids: dict[str, set[str]] = {}   # plan id -> its engine request ids in flight
         self._engine_pids: list[int] = []             # the embedded engines' processes
+        self._grammars: dict[str, str] = {}           # plan grammar per part kind
 
     @classmethod
     def from_model(cls, model: str | Path = "tiny", options: EngineOptions | None = None) -> "Planner":
@@ -152,6 +170,8 @@ class Planner:
                       pooler_config=PoolerConfig(task="token_embed", tok_pooling_type="ALL", use_activation=False))
         else:
             kw.update(enable_prefix_caching=o.enable_prefix_caching)
+            if o.plan_grammar:   # the backend is the engine's choice, not the request's
+                kw.update(structured_outputs_config={"backend": GRAMMAR_BACKEND})
         kw.update(o.engine_args, **(o.pooling_engine_args if pooling else o.generate_engine_args))
         return AsyncEngineArgs(**kw)
 
@@ -323,9 +343,11 @@ class Planner:
                 if not tokens.more:
                     break
                 params = SamplingParams(
-                    temperature=0.0, max_tokens=tokens.room, repetition_penalty=self.repetition_penalty,
+                    temperature=request.temperature, top_p=request.top_p,
+                    seed=part_seed(request.seed, part) if request.temperature > 0 else None,
+                    max_tokens=tokens.room, repetition_penalty=self.repetition_penalty,
                     stop_token_ids=tokens.engine_stops, skip_special_tokens=False, detokenize=False,
-                    output_kind=RequestOutputKind.DELTA,
+                    output_kind=RequestOutputKind.DELTA, structured_outputs=self._grammar(tokens.gen),
                 )
                 sub_id = f"{rid}-g{part}"
                 self._engine_ids.setdefault(rid, set()).add(sub_id)
@@ -364,6 +386,18 @@ class Planner:
             self._engine_ids.pop(rid, None)
             self._remember(rid, PlanSummary(prompt, tokens.gen, self.tokenizer.decode(tokens.gen), tokens.dropped,
                                             tokens.finished, tokens.clips))
+
+    def _grammar(self, generated: list[int]):
+        """The structured-outputs constraint of the next generate part (None when the plan grammar
+        is off): the grammar of where the part starts, built once per part kind."""
+        if not self.options.plan_grammar:
+            return None
+        from vllm.sampling_params import StructuredOutputsParams
+
+        part = plan_part(self.tok, generated)
+        if part not in self._grammars:
+            self._grammars[part] = plan_grammar(self.tok, part)
+        return StructuredOutputsParams(grammar=self._grammars[part])
 
     async def _plan_script(self, request: PlanRequest) -> AsyncIterator[PlannedClip]:
         """Script mode: the plan is forced; one pooling pass gives every clip's hidden states."""
@@ -416,6 +450,13 @@ class Planner:
             raise PlannerError(f"pooling engine returned {hidden.shape[0]} positions, clip {span.index} needs more")
         return PlannedClip(span.index, span.caption, story_duration(span.duration), span.duration, start_s, is_last,
                            np.ascontiguousarray(sem), np.ascontiguousarray(res), generated)
+
+
+def part_seed(seed: int, part: int) -> int:
+    """The sampling seed of a plan's generate part ``part``: drawn from (``SEED``, part), so that a
+    take depends on the request alone (vLLM seeds a request's own generator, whatever else is in the
+    batch) and the parts of one plan do not repeat one another's draws."""
+    return int(np.random.SeedSequence([int(seed), int(part)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def story_duration(llm_duration: float) -> float:

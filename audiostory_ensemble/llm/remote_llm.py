@@ -1,8 +1,10 @@
 """The disaggregated LLM tier: the planner's two engines as separate vLLM OpenAI-compatible servers.
 
 - the **generate server** (``vllm serve <converted>/llm``): ``POST /v1/completions`` with the prompt
-  as token ids, greedy, the checkpoint's repetition penalty, the stop ids, ``return_token_ids`` —
-  token ids in, token ids out, no detokenisation on our side;
+  as token ids, the request's sampling (greedy unless it asks for a sampled plan, seeded per part),
+  the checkpoint's repetition penalty, the stop ids, the part's plan grammar (``structured_outputs``;
+  the server runs the guidance backend), ``return_token_ids`` — token ids in, token ids out, no
+  detokenisation on our side;
 - the **pooling server** (``vllm serve <converted>/llm --runner pooling --convert embed
   --pooler-config '{"task": "token_embed", "tok_pooling_type": "ALL", "use_activation": false}'``):
   ``POST /pooling`` with ``task = token_embed``: the last-layer hidden state of every position.
@@ -100,9 +102,14 @@ class RemoteGenerateEngine(_RemoteServer):
 
     async def generate(self, prompt: dict, params, request_id: str):
         body = {"model": self.model, "prompt": self._token_ids(prompt), "max_tokens": int(params.max_tokens),
-                "temperature": 0.0, "repetition_penalty": float(params.repetition_penalty),
+                "temperature": float(params.temperature), "top_p": float(params.top_p),
+                "repetition_penalty": float(params.repetition_penalty),
                 "stop_token_ids": list(params.stop_token_ids or []), "skip_special_tokens": False,
                 "return_token_ids": True, "detokenize": False}
+        if params.seed is not None:
+            body["seed"] = int(params.seed)
+        if params.structured_outputs is not None:     # the plan grammar: the server runs the guidance backend
+            body["structured_outputs"] = {"grammar": params.structured_outputs.grammar}
         out = await self._tracked(request_id, self._post("/v1/completions", body))
         ids = out["choices"][0].get("token_ids")
         if ids is None:
@@ -129,15 +136,16 @@ class RemotePoolingEngine(_RemoteServer):
         yield SimpleNamespace(outputs=SimpleNamespace(data=data), finished=True)
 
 
+GRAMMAR_BACKEND_CONFIG = '{"backend":"guidance"}'     # the plan grammar's backend (planner.GRAMMAR_BACKEND)
 POOLER_CONFIG = '{"task":"token_embed","tok_pooling_type":"ALL","use_activation":false}'
 
 
 # What each tier server runs with besides its model, name, host and port: the embedded engines'
-# settings (greedy plans from vLLM's generation config, seed 0; the pooling runner). The one source:
+# settings (plans from vLLM's generation config, seed 0, the plan grammar's backend; the pooling runner). The one source:
 # the Helm chart's vLLM Deployments read the same lists from SERVER_ARGS_FILE, which `make
 # deploy-check` and the tests keep equal to these.
 SERVER_ARGS = {
-    "generate": ["--generation-config=vllm", "--seed=0"],
+    "generate": ["--generation-config=vllm", "--seed=0", f"--structured-outputs-config={GRAMMAR_BACKEND_CONFIG}"],
     "pooling": ["--generation-config=vllm", "--seed=0", "--runner=pooling", "--convert=embed",
                 "--no-enable-prefix-caching", f"--pooler-config={POOLER_CONFIG}"],
 }

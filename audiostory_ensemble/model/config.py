@@ -32,6 +32,10 @@ DEFAULT_SEED = 0
 DEFAULT_NUM_STEPS = 50
 CROSSFADE_S = 3.0
 MAX_NEW_TOKENS = 1600
+# The plan's sampling (not in the official code, which is greedy): temperature 0 is greedy.
+DEFAULT_PLAN_TEMPERATURE = 0.0
+MAX_PLAN_TEMPERATURE = 2.0
+DEFAULT_PLAN_TOP_P = 1.0
 # How clip durations are set: as the LLM wrote them (the reference), or scaled to the request.
 DURATION_POLICIES = ("model", "exact")
 DEFAULT_DURATION_POLICY = "model"

@@ -176,8 +176,95 @@ class TokenIds:
 
 
 # --------------------------------------------------------------------------------------------
+# The plan grammar: what the generate engine may write next (constrained decoding)
+# --------------------------------------------------------------------------------------------
+#
+# The engine is called in parts (``llm/plan_tokens.py``): the runs after ``<t5>`` and ``<aud>`` are
+# forced, not generated, so each part starts in one of three places and has its own grammar, in
+# llguidance's Lark syntax. Added tokens are named by id (``<[id]>``): ids come from the loaded
+# tokenizer (the release's ``added_tokens.json`` gives some names one id twice). The guidance
+# backend treats every added token as special, which a text terminal can never spell: text below
+# is text, with no ChatML or plan token in it.
+#
+# What the grammars exclude that the parser would accept: plan tokens inside the reasoning or a
+# caption (a ``<|gen|>`` before ``<|/think|>``, a ``<t5>`` in a caption); a plan with no
+# ``<|/think|>`` or with none of its clips; text other than white space between ``<|/think|>`` or a
+# ``<|/gen|>`` and what follows; a duration other than a plain positive decimal (``1e1``, ``+5``,
+# ``5_0``, ``0``, ``inf``); a stop before the first clip; and runs past the bounds below. The bounds
+# make every part end: a model that wants a token the grammar forbids (``</timestamp>`` with no
+# ``<timestamp>`` before it) writes text instead, and without a bound it can write text until the
+# token budget runs out, leaving no clip. At a bound the next token of the clip is forced.
+MAX_REASONING_CHARS = 4000    # about the whole token budget of English text
+MAX_CAPTION_CHARS = 256       # a caption is a sound event's description
+MAX_TAIL_CHARS = 64           # text between </timestamp> and <t5> (the parser adds it to the caption)
+MAX_SPACE_CHARS = 8           # white space between the plan's parts
+MAX_NUMBER_DIGITS = 6         # on each side of the decimal point
+
+PLAN_START = "start"          # the first part, after the <|think|> prefill
+PLAN_AFTER_T5 = "after_t5"    # after the forced <t5_*> run: the clip's <aud>
+PLAN_AFTER_AUD = "after_aud"  # after the forced <aud_*> run: <|/gen|>, then another clip or the end
+PLAN_PARTS = (PLAN_START, PLAN_AFTER_T5, PLAN_AFTER_AUD)
+
+# A positive decimal: a non-zero digit before the point, or one after it; spaces around are read.
+_D = f"[0-9]{{0,{MAX_NUMBER_DIGITS}}}"
+_POSITIVE_NUMBER = f"/[ ]{{0,2}}({_D}[1-9]{_D}(\\.{_D})?|{_D}\\.{_D}[1-9]{_D})[ ]{{0,2}}/"
+
+
+def plan_grammar(tok: "TokenIds", part: str) -> str:
+    """The Lark grammar (llguidance) of one generate part; ``part`` is one of :data:`PLAN_PARTS`.
+
+    - start: reasoning text, ``<|/think|>``, then the first clip up to its ``<t5>``;
+    - after_t5: ``<aud>``;
+    - after_aud: ``<|/gen|>``, then the next clip up to its ``<t5>``, or ``<|im_end|>`` /
+      ``<|endoftext|>``.
+
+    A clip is ``<|gen|>`` caption ``<timestamp>`` number ``</timestamp>`` [text] ``<t5>``; the
+    engine stops at ``<t5>``, ``<aud>`` and the stop tokens, so each part ends where the grammar does.
+    Text runs are bounded (``MAX_*``); text never holds an added token.
+    """
+    def t(i: int) -> str:
+        return f"<[{int(i)}]>"
+
+    clip = (f"clip: {t(tok.gen_open)} CAPTION? {t(tok.timestamp_open)} NUMBER {t(tok.timestamp_close)} TAIL? "
+            f"{t(tok.t5_open)}")
+    terminals = [f"REASONING: /(?s:.){{1,{MAX_REASONING_CHARS}}}/", f"CAPTION: /(?s:.){{1,{MAX_CAPTION_CHARS}}}/",
+                 f"TAIL: /(?s:.){{1,{MAX_TAIL_CHARS}}}/", f"SPACE: /[ \\t\\r\\n]{{1,{MAX_SPACE_CHARS}}}/",
+                 f"NUMBER: {_POSITIVE_NUMBER}"]
+    if part == PLAN_START:
+        rules = [f"start: REASONING? {t(tok.think_close)} SPACE? clip", clip]
+    elif part == PLAN_AFTER_T5:
+        rules = [f"start: {t(tok.aud_open)}"]
+    elif part == PLAN_AFTER_AUD:
+        rules = [f"start: {t(tok.gen_close)} SPACE? (clip | {t(tok.im_end)} | {t(tok.endoftext)})", clip]
+    else:
+        raise ValueError(f"plan grammar part must be one of {PLAN_PARTS}, got {part!r}")
+    return "\n".join(rules + terminals) + "\n"
+
+
+def plan_part(tok: "TokenIds", generated: Sequence[int]) -> str:
+    """Which grammar the next generate part needs, from what is there so far (generated + forced)."""
+    if not generated:
+        return PLAN_START
+    if generated[-1] == tok.t5_close:
+        return PLAN_AFTER_T5
+    if generated[-1] == tok.aud_close:
+        return PLAN_AFTER_AUD
+    raise ValueError("a generate part resumes only at the start or after a forced run")
+
+
+# --------------------------------------------------------------------------------------------
 # Parsing
 # --------------------------------------------------------------------------------------------
+
+# How a plan failure reads to a client: the model failed, not the server. Served as UNKNOWN (never
+# INTERNAL); streams carry no status, so the client reads it from these words (model_failed).
+MODEL_FAILED = "the model wrote no usable plan"
+
+
+def model_failed(message: str) -> bool:
+    """The error message says the model's output, not the server, failed the request."""
+    return MODEL_FAILED in message
+
 
 class PlanError(ValueError):
     """The generated text does not hold a usable plan. ``text`` is the decoded output, for logs."""

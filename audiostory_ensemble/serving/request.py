@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import interface as I
 from ..llm import script
-from ..model.config import DURATION_POLICIES, MAX_INPUT_AUDIO_S, MIN_INPUT_AUDIO_S
+from ..model.config import DURATION_POLICIES, MAX_INPUT_AUDIO_S, MAX_PLAN_TEMPERATURE, MIN_INPUT_AUDIO_S
 from ..model.grammar import control_token_in
 from ..model.sampler import MAX_SEED
 
@@ -51,6 +51,8 @@ class RequestParams:
     segments: list | None = None          # script mode: validated script.Segment list
     input_audio: np.ndarray | None = None  # continuation: [C, T] float32
     input_sample_rate: int = 0
+    plan_temperature: float = I.PLAN_TEMPERATURE.default
+    plan_top_p: float = I.PLAN_TOP_P.default
 
     @property
     def mode(self) -> str:
@@ -133,10 +135,21 @@ def parse_request(get: Callable[[str], np.ndarray | None], limits: Limits = Limi
     policy = _scalar(get, I.DURATION_POLICY, str)
     if policy not in DURATION_POLICIES:
         raise RequestError(f"DURATION_POLICY must be one of {list(DURATION_POLICIES)}, got {policy!r}")
-    params = RequestParams(instruction, float(total), float(guidance), int(seed), int(steps), policy)
+    temperature = _scalar(get, I.PLAN_TEMPERATURE, float)
+    if not (math.isfinite(temperature) and 0.0 <= temperature <= MAX_PLAN_TEMPERATURE):
+        raise RequestError(f"PLAN_TEMPERATURE must be in [0, {MAX_PLAN_TEMPERATURE:g}] (0 = greedy), got {temperature}")
+    top_p = _scalar(get, I.PLAN_TOP_P, float)
+    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise RequestError(f"PLAN_TOP_P must be in (0, 1] (1 = off), got {top_p}")
+    params = RequestParams(instruction, float(total), float(guidance), int(seed), int(steps), policy,
+                           plan_temperature=float(temperature), plan_top_p=float(top_p))
     if raw_segments and has_audio:
         raise RequestError("SEGMENTS and INPUT_AUDIO cannot be combined: give a script or an audio to continue")
     if raw_segments:
+        for t in (I.PLAN_TEMPERATURE, I.PLAN_TOP_P):
+            if get(t.name) is not None:
+                raise RequestError(f"{t.name} does not apply in script mode: the segments are the plan, nothing "
+                                   "is sampled")
         return _with_segments(params, raw_segments, total_given, limits)
     if has_audio:
         return _with_audio(params, get, limits)

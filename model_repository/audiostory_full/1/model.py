@@ -10,6 +10,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import interface as I
+from audiostory_ensemble.model.grammar import model_failed
 from audiostory_ensemble.serving import control
 from audiostory_ensemble.serving.adapter import Parameters, error_response
 from audiostory_ensemble.serving.request import RequestError, parse_request
@@ -48,6 +49,8 @@ class TritonPythonModel:
                 # (a full server, a stage that is down).
                 if message.startswith(control.BUSY) or down_stage(message):
                     return error_response(pb_utils, message, pb_utils.TritonError.UNAVAILABLE)
+                if model_failed(message):     # the model's plan, not the server
+                    return error_response(pb_utils, message, pb_utils.TritonError.UNKNOWN)
                 return pb_utils.InferenceResponse(error=response.error())
             audio = pb_utils.get_output_tensor_by_name(response, I.CLIP_AUDIO.name)
             if audio is None:  # the stream's final-flag response

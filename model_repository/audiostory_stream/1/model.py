@@ -33,6 +33,7 @@ import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble import names
+from audiostory_ensemble.model.grammar import model_failed
 from audiostory_ensemble.serving import control, story
 from audiostory_ensemble.serving.adapter import Parameters, error_response
 from audiostory_ensemble.serving.loop import DaemonCalls, ensure_heartbeat
@@ -194,7 +195,9 @@ class TritonPythonModel:
         stop_reason = None if action.reason == "done" else action.reason
         unavailable = action.reason == "unavailable"
         if action.message and not caller_gone:
-            await self._error(sender, action.message, pb_utils.TritonError.UNAVAILABLE if unavailable else None)
+            code = (pb_utils.TritonError.UNAVAILABLE if unavailable else
+                    pb_utils.TritonError.UNKNOWN if model_failed(action.message) else None)
+            await self._error(sender, action.message, code)
         if action.reason == "timeout":
             self.metrics.counter("audiostory_requests_timed_out_total", "Stories failed by the timeout")
         if unavailable:

@@ -33,6 +33,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from audiostory_ensemble import names
 from audiostory_ensemble.llm.engine_options import EngineOptions  # noqa: E402
 from audiostory_ensemble.llm.planner import Planner, PlanRequest  # noqa: E402
+from audiostory_ensemble.model.grammar import MODEL_FAILED, PlanError  # noqa: E402
 from audiostory_ensemble.serving import control  # noqa: E402
 from audiostory_ensemble.serving.adapter import Parameters, send_error  # noqa: E402
 from audiostory_ensemble.serving.gates import CancelRegistry, TasksByKey  # noqa: E402
@@ -179,6 +180,12 @@ class TritonPythonModel:
                 sent_final = True
             else:
                 self.metrics.counter("audiostory_plans_cancelled_total", "Plans stopped by a cancel")
+        except PlanError as e:   # the model's output, not the server: UNKNOWN, the text in the log
+            self.logger.log_error(f"llm: request {key}: {type(e).__name__}: {e}; generated text: {e.text!r}")
+            self.metrics.counter("audiostory_plans_unusable_total", "Plans the model wrote that did not parse")
+            if not sent_final:
+                send_error(pb_utils, sender, f"llm: {MODEL_FAILED}: {e}", pb_utils.TritonError.UNKNOWN)
+                sent_final = True
         except Exception as e:  # noqa: BLE001 - every failure becomes an error response
             self.logger.log_error(f"llm: request {key}: {type(e).__name__}: {e}")
             dead = self.planner.dead_engine()
