@@ -117,7 +117,7 @@ class AudioStoryClient:
                 # the callback. A connection that never carried the request: UNAVAILABLE, retry later.
                 finished = True
                 try:
-                    _, error = responses.get(timeout=1.0)
+                    _, error = responses.get(timeout=10.0)   # the stream thread reports it; slow when loaded
                 except queue.Empty:
                     error = None
                 detail = error.message() if hasattr(error, "message") else e.message()
