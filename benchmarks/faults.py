@@ -77,11 +77,12 @@ def tree_roles(server) -> dict[str, int]:
 
 
 def classify(error: str) -> str:
-    """``refused``: the story did not start (a stage restarting, the server busy, or not accepting
-    connections while it restarts); ``lost``: it was in flight on the part that died."""
+    """``refused``: the story did not start (a stage restarting, the server busy, not accepting
+    connections while it restarts, or Triton refusing a request for a model it is reloading);
+    ``lost``: it was in flight on the part that died."""
     low = error.lower()
     if ("it is restarting, retry" in error or "server busy" in error or "failed to connect" in low
-            or "connection refused" in low):
+            or "connection refused" in low or "has no available versions" in error):
         return "refused"
     if ("was lost with it" in error or "is not healthy" in error or "socket closed" in low
             or "stream removed" in low or "connection closed" in low or "unavailable" in low):
