@@ -91,6 +91,11 @@ class Stub:
     def alive(self) -> bool:
         return start_time(self.pid) == self.started
 
+    @property
+    def processes(self) -> dict[int, int]:
+        """It and what it started, ``pid -> start time`` (what :func:`kill_and_wait` takes)."""
+        return {self.pid: self.started, **self.family}
+
 
 @dataclass
 class Restart:
@@ -247,8 +252,7 @@ class Supervisor:
             victims: dict[int, int] = {}
             shm: set[str] = set()
             for stub in [*self._watched.values(), *(s for dead in self._dead.values() for s in dead)]:
-                victims[stub.pid] = stub.started
-                victims.update(stub.family)
+                victims.update(stub.processes)
                 shm |= stub.shm
             self._watched.clear()
         live = [p for p, s in victims.items() if start_time(p) == s]
@@ -325,14 +329,13 @@ class Supervisor:
         with self._lock:
             victims: dict[int, int] = {}
             for stub in self._dead.pop(model, []):
-                victims.update(stub.family)
+                victims.update(stub.processes)      # a dead stub's own pid is skipped by its start time
             if model in self._reported:
                 self._reported.discard(model)
                 for pid, stub in list(self._watched.items()):
                     if stub.model == model:
                         del self._watched[pid]
-                        victims[pid] = stub.started
-                        victims.update(stub.family)
+                        victims.update(stub.processes)
         live = [p for p, s in victims.items() if start_time(p) == s]
         shm = shm_mappings(live)
         left = kill_and_wait(victims)
