@@ -9,13 +9,15 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all tiny convert export engines repo serve demo web bench bench-orchestration soak perf deploy-check gpu-lock clean
+.PHONY: help setup test test-all tiny full-random full-size convert export engines repo serve demo web bench bench-orchestration soak perf deploy-check gpu-lock clean
 
 help:
 	@echo "make setup       install the venv, Triton 2.51 and perf_analyzer (idempotent)"
 	@echo "make demo        tiny model end to end: checkpoint, convert, export, serve, client -> build/demo/story.wav"
 	@echo "make test        run the test suite (CPU, tiny model, real tritonserver)"
 	@echo "make tiny        build the tiny checkpoint (official layout) under build/checkpoints/tiny/release"
+	@echo "make full-random a full-size release with seeded random weights (17 GiB) in build/checkpoints/full/release"
+	@echo "make full-size   the full size end to end here: release, convert, export, repo, three stories served (build/full-size/)"
 	@echo "make convert     MODEL=tiny|full: release -> served parts (build/checkpoints/MODEL/converted)"
 	@echo "make export      MODEL=tiny|full: dit_step.onnx + vae_decoder.onnx (build/export/MODEL)"
 	@echo "make engines     MODEL=full: TensorRT plans from the ONNX graphs (GPU host with TensorRT)"
@@ -42,7 +44,14 @@ test-all:
 tiny:
 	$(PY) export/make_tiny_checkpoint.py
 
-# The release folder of MODEL=full is yours to place at build/checkpoints/full/release.
+# The release folder of MODEL=full is yours to place at build/checkpoints/full/release; `make full-random`
+# puts a random-weight one there (never over a release it did not write).
+full-random:
+	$(PY) export/make_full_random_release.py
+
+full-size:
+	$(PY) -m benchmarks.full_size $(FULL_SIZE_ARGS)
+
 convert: $(if $(filter tiny,$(MODEL)),tiny)
 	$(PY) export/convert_checkpoint.py --model $(MODEL)
 

@@ -167,30 +167,38 @@ def state_digest(sd: dict) -> str:
 # Configuration files
 # ---------------------------------------------------------------------------------------------
 
-def release_config_yaml(vocab_size: int) -> str:
+def release_config_yaml(vocab_size: int, model=TINY, base_dir: str = BASE_DIR_NAME, audio_encoder: bool = True,
+                        made_by: str = "make_tiny_checkpoint.py") -> str:
     """Every key the official loading path reads (``evaluate/inference.py``): ``tokenizer``,
     ``llm_model``, ``agent_model`` (with the resampler arguments its ``from_pretrained`` requires),
-    ``seedx_dit_model_cfg`` and ``train_dataset.datapipes[0]``'s N and M; and ours for the audio
-    encoder, which the official text-to-audio release does not have."""
+    ``seedx_dit_model_cfg`` and ``train_dataset.datapipes[0]``'s N and M; and, with
+    ``audio_encoder``, ours for the audio encoder, which the official text-to-audio release does
+    not have (without it the resampler entry is empty, as the official release's)."""
     import yaml
 
+    whisper = {
+        "_target_": "src.models.tokenizer.modeling_whisper.Whisper_Resampler_llava",
+        "token_num": model.audio_tokens,
+        "ori_embed_dim": tiny_audio.TINY_WHISPER["d_model"],
+        "tgt_embed_dim": model.llm.hidden_size,
+    } if audio_encoder else None
     cfg = {
         "tokenizer": {
             "_target_": "src.models.tokenizer.init_qwen_tokenizer.init_tokenizer",
-            "pretrained_model_path": BASE_DIR_NAME,
+            "pretrained_model_path": base_dir,
             "add_tokens_path": layout.RELEASE_ADDED_TOKENS,
         },
         "llm_model": {
             "_target_": "src.models.mllm.peft_models.get_peft_model_with_resize_embedding",
             "model": {
                 "_target_": "transformers.AutoModelForCausalLM.from_pretrained",
-                "pretrained_model_name_or_path": BASE_DIR_NAME,
+                "pretrained_model_name_or_path": base_dir,
             },
             "peft_config": {
                 "_target_": "peft.LoraConfig",
                 "_convert_": "object",
-                "r": TINY.llm.lora_r,
-                "lora_alpha": TINY.llm.lora_alpha,
+                "r": model.llm.lora_r,
+                "lora_alpha": model.llm.lora_alpha,
                 "lora_dropout": 0.05,
                 "target_modules": ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"],
                 "modules_to_save": ["input_layernorm", "post_attention_layernorm", "norm"],
@@ -200,16 +208,11 @@ def release_config_yaml(vocab_size: int) -> str:
         },
         "agent_model": {
             "_target_": "src.models.mllm.modeling_audiostory_llm.AudioStory_llm.from_pretrained",
-            "t5_feature_scale": float(TINY.t5_feature_scale),
-            "model_dims": TINY.llm.hidden_size,
+            "t5_feature_scale": float(model.t5_feature_scale),
+            "model_dims": model.llm.hidden_size,
             "input_resampler": None,          # unused at inference; required arguments
             "output_resampler": None,
-            "whisper_resampler_llava": {
-                "_target_": "src.models.tokenizer.modeling_whisper.Whisper_Resampler_llava",
-                "token_num": TINY.audio_tokens,
-                "ori_embed_dim": tiny_audio.TINY_WHISPER["d_model"],
-                "tgt_embed_dim": TINY.llm.hidden_size,
-            },
+            "whisper_resampler_llava": whisper,
         },
         "seedx_dit_model_cfg": {
             "_target_": "src.models.mllm.modeling_audiostory_unified.AudioStory_unified",
@@ -217,19 +220,21 @@ def release_config_yaml(vocab_size: int) -> str:
         "whisper_encoder": {"pretrained_model_path": layout.RELEASE_WHISPER_DIR},
         "train_dataset": {
             "datapipes": [{
-                "num_t5_out_tokens": TINY.num_t5_tokens,
-                "num_aud_out_tokens": TINY.num_aud_tokens,
+                "num_t5_out_tokens": model.num_t5_tokens,
+                "num_aud_out_tokens": model.num_aud_tokens,
             }],
         },
     }
-    head = ("# Synthetic TINY AudioStory release written by export/make_tiny_checkpoint.py.\n"
+    if not audio_encoder:
+        del cfg["whisper_encoder"]
+    head = (f"# Synthetic {model.name.upper()} AudioStory release written by export/{made_by}.\n"
             "# Paths are relative to this folder: the official inference code opens them as given, so run\n"
             "# it from inside this folder (--model_path $PWD --tangoflux_model Flux_detokenizer).\n")
     return head + yaml.safe_dump(cfg, sort_keys=False)
 
 
-def dit_config_json() -> dict:
-    d = TINY.dit
+def dit_config_json(model=TINY, t5_dir: str = tiny_audio.T5_DIR) -> dict:
+    d = model.dit
     return {
         "num_layers": d.num_layers,
         "num_single_layers": d.num_single_layers,
@@ -239,10 +244,8 @@ def dit_config_json() -> dict:
         "joint_attention_dim": d.joint_attention_dim,
         "audio_seq_len": d.audio_seq_len,
         "max_duration": d.max_duration,
-        "text_encoder_name": tiny_audio.T5_DIR,   # relative to the release folder, like config.yaml's paths
+        "text_encoder_name": t5_dir,   # relative to the release folder, like config.yaml's paths
     }
-
-
 
 
 # ---------------------------------------------------------------------------------------------

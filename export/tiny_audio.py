@@ -82,18 +82,19 @@ def hidden_state_means(model, tok, seed: int, stories: int = 64):
     return torch.cat(sem).mean(0), torch.cat(res).mean(0)
 
 
-def t5_config():
+def t5_config(t=TINY.t5):
     from transformers import T5Config
 
-    t = TINY.t5
     return T5Config(vocab_size=t.vocab_size, d_model=t.d_model, d_kv=t.d_kv, d_ff=t.d_ff, num_layers=t.num_layers,
                     num_heads=t.num_heads, feed_forward_proj=t.feed_forward_proj, pad_token_id=t.pad_token_id,
                     eos_token_id=t.eos_token_id, decoder_start_token_id=t.pad_token_id, dropout_rate=0.0,
                     is_encoder_decoder=False, use_cache=False)
 
 
-def audio_release_tensors(seed: int, sem_mean, res_mean) -> dict:
-    """Bridge, DiT, fc, duration embedder and T5 encoder with official keys (``GAINS`` applied)."""
+def audio_release_tensors(seed: int, sem_mean, res_mean, cfg=TINY, gains: bool = True) -> dict:
+    """Bridge, DiT, fc, duration embedder and T5 encoder with official keys (``GAINS`` applied
+    unless ``gains`` is false: the seeded initialisation as it is, e.g. at full size, where the
+    LLM's hidden-state means would cost a 3B forward pass; ``sem_mean``/``res_mean`` are then unused)."""
     import torch
     from diffusers import FluxTransformer2DModel
     from transformers import T5EncoderModel
@@ -104,58 +105,70 @@ def audio_release_tensors(seed: int, sem_mean, res_mean) -> dict:
         for k, v in module.state_dict().items():
             out[prefix + k] = v.detach().clone().contiguous().float()
 
-    h, d = TINY.llm.hidden_size, 1024
+    h, d = cfg.llm.hidden_size, 1024
     with torch.no_grad():
         for i, (prefix, mean) in enumerate(((layout.PROJECTOR_PREFIX, sem_mean),
                                             (layout.AUDIO_PROJECTOR_PREFIX, res_mean))):
             torch.manual_seed(seed + 11 + i)
             proj = torch.nn.Sequential(torch.nn.Linear(h, d), torch.nn.GELU(), torch.nn.Linear(d, d))
-            proj[0].weight.mul_(GAINS["bridge"])
-            proj[0].bias.copy_(-proj[0].weight @ mean.float())
-            proj[2].bias.zero_()
+            if gains:
+                proj[0].weight.mul_(GAINS["bridge"])
+                proj[0].bias.copy_(-proj[0].weight @ mean.float())
+                proj[2].bias.zero_()
             add(prefix, proj)
         torch.manual_seed(seed + 13)
-        fusion = torch.nn.MultiheadAttention(d, TINY.bridge_heads)
+        fusion = torch.nn.MultiheadAttention(d, cfg.bridge_heads)
         fusion.in_proj_bias.zero_()
         fusion.out_proj.bias.zero_()
         add(layout.FUSION_PREFIX, fusion)
 
         torch.manual_seed(seed + 14)
-        dit = FluxTransformer2DModel(**TINY.dit.diffusers_kwargs())
-        te = dit.time_text_embed.timestep_embedder.linear_2
-        te.weight.mul_(GAINS["timestep"])
-        te.bias.mul_(GAINS["timestep"])
-        block = dit.transformer_blocks[0]
-        direction = torch.randn(block.attn.to_q.bias.shape[0], generator=torch.Generator().manual_seed(seed + 18))
-        direction /= direction.norm()
-        block.attn.to_q.bias.add_(GAINS["text_attention"] * direction)
-        block.attn.add_k_proj.bias.add_(GAINS["text_attention"] * direction)
-        inner = dit.config.num_attention_heads * dit.config.attention_head_dim
-        block.norm1.linear.bias[2 * inner:3 * inner].add_(GAINS["image_gate"])   # (shift, scale, GATE, ...) msa
-        dit.proj_out.weight.mul_(GAINS["velocity"])
-        dit.proj_out.bias.mul_(GAINS["velocity"])
+        dit = FluxTransformer2DModel(**cfg.dit.diffusers_kwargs())
+        if gains:
+            _dit_gains(dit, seed)
         add(layout.DIT_PREFIX, dit)
+        del dit
 
         torch.manual_seed(seed + 15)
-        fc = torch.nn.Sequential(torch.nn.Linear(d, TINY.dit.joint_attention_dim), torch.nn.ReLU())
-        fc[0].weight.mul_(GAINS["pooled"])
-        fc[0].bias.mul_(GAINS["pooled"])
+        fc = torch.nn.Sequential(torch.nn.Linear(d, cfg.dit.joint_attention_dim), torch.nn.ReLU())
+        if gains:
+            fc[0].weight.mul_(GAINS["pooled"])
+            fc[0].bias.mul_(GAINS["pooled"])
         add(layout.FC_PREFIX, fc)
         torch.manual_seed(seed + 16)
         out[layout.DURATION_PREFIX + "time_positional_embedding.0.weights"] = \
-            torch.randn(128) * GAINS["duration_frequencies"]
+            torch.randn(128) * (GAINS["duration_frequencies"] if gains else 1.0)
         lin = torch.nn.Linear(257, d)
         out[layout.DURATION_PREFIX + "time_positional_embedding.1.weight"] = lin.weight.detach().clone()
         out[layout.DURATION_PREFIX + "time_positional_embedding.1.bias"] = lin.bias.detach().clone()
 
         torch.manual_seed(seed + 17)
-        t5 = T5EncoderModel(t5_config())
-        t5.encoder.final_layer_norm.weight.mul_(GAINS["t5_output"])
+        t5 = T5EncoderModel(t5_config(cfg.t5))
+        if gains:
+            t5.encoder.final_layer_norm.weight.mul_(GAINS["t5_output"])
         add(layout.T5_PREFIX, t5)
     return out
 
 
-def write_t5_folder(folder: Path, release: dict) -> None:
+def _dit_gains(dit, seed: int) -> None:
+    """The DiT's part of ``GAINS`` (in place)."""
+    import torch
+
+    te = dit.time_text_embed.timestep_embedder.linear_2
+    te.weight.mul_(GAINS["timestep"])
+    te.bias.mul_(GAINS["timestep"])
+    block = dit.transformer_blocks[0]
+    direction = torch.randn(block.attn.to_q.bias.shape[0], generator=torch.Generator().manual_seed(seed + 18))
+    direction /= direction.norm()
+    block.attn.to_q.bias.add_(GAINS["text_attention"] * direction)
+    block.attn.add_k_proj.bias.add_(GAINS["text_attention"] * direction)
+    inner = dit.config.num_attention_heads * dit.config.attention_head_dim
+    block.norm1.linear.bias[2 * inner:3 * inner].add_(GAINS["image_gate"])   # (shift, scale, GATE, ...) msa
+    dit.proj_out.weight.mul_(GAINS["velocity"])
+    dit.proj_out.bias.mul_(GAINS["velocity"])
+
+
+def write_t5_folder(folder: Path, release: dict, t5=TINY.t5) -> None:
     """``text_encoder_name``'s folder: what ``T5EncoderModel``/``T5TokenizerFast.from_pretrained``
     need (config, weights — the same tensors as ``tangoflux.text_encoder.*`` in the checkpoint —
     and a tokenizer with ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 that ends every text with ``</s>``)."""
@@ -163,7 +176,7 @@ def write_t5_folder(folder: Path, release: dict) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     folder.mkdir(parents=True)
-    cfg = t5_config()
+    cfg = t5_config(t5)
     cfg.architectures = ["T5EncoderModel"]
     cfg.save_pretrained(folder)
     prefix = layout.T5_PREFIX
@@ -172,7 +185,7 @@ def write_t5_folder(folder: Path, release: dict) -> None:
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [(ch, -3.0) for ch in "abcdefghijklmnopqrstuvwxyz"]
     pieces += [("\u2581" + w, -1.0) for w in ("a", "the", "of", "and", "in", "on", "rain", "dog", "bell", "wind")]
-    if len(pieces) > TINY.t5.vocab_size:
+    if len(pieces) > t5.vocab_size:
         raise RuntimeError("the T5 tokenizer has more pieces than the tiny T5 vocabulary")
     tok = Tokenizer(models.Unigram(pieces, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -185,14 +198,17 @@ def write_t5_folder(folder: Path, release: dict) -> None:
         {**special, "tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 512}, indent=2) + "\n")
 
 
-def vae_state(seed: int) -> dict:
-    """The Oobleck VAE (weight-normed keys): decoder biases zero, the last convolution's gain up."""
+def vae_state(seed: int, vae_cfg=TINY.vae, gains: bool = True) -> dict:
+    """The Oobleck VAE (weight-normed keys): decoder biases zero, the last convolution's gain up
+    (with ``gains``; else the seeded initialisation as it is)."""
     import torch
     from diffusers import AutoencoderOobleck
 
     torch.manual_seed(seed + 21)
-    vae = AutoencoderOobleck(**TINY.vae.diffusers_kwargs())
+    vae = AutoencoderOobleck(**vae_cfg.diffusers_kwargs())
     state = {k: v.detach().clone().contiguous() for k, v in vae.state_dict().items()}
+    if not gains:
+        return state
     for key in state:
         if key.startswith("decoder.") and key.endswith(".bias"):
             state[key].zero_()
