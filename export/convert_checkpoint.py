@@ -373,7 +373,9 @@ def convert(release: Path, out: Path, model: str, force: bool = False) -> Path:
     release_config_keys(hydra)
     cfg = derive_config(get_config(model), hydra, release)
     check_release_config(hydra, cfg)
-    state = torch.load(release / layout.RELEASE_WEIGHTS, map_location="cpu", weights_only=True)
+    # mmap: tensors are read from the file as they are used, so a 10 GB checkpoint is never held twice
+    # (the merged LLM is the one copy made); peak memory at full size is in deploy/README.md.
+    state = torch.load(release / layout.RELEASE_WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
     ledger = KeyLedger(state)
     if out.exists():
         shutil.rmtree(out)
