@@ -8,6 +8,8 @@ import asyncio
 import numpy as np
 import pytest
 
+from audiostory_ensemble.llm.engine_options import EngineOptions
+from audiostory_ensemble.model.config import CROSSFADE_S, VAE_SAMPLE_RATE, WAVE_SAMPLES
 from audiostory_ensemble.llm.planner import PlannedClip, Planner, PlanRequest, scale_to_total
 from audiostory_ensemble.model.grammar import (
     PLAN_PARTS,
@@ -234,8 +236,12 @@ def test_scale_to_total_scales_and_recomputes_starts():
     clips = [PlannedClip(i, f"c{i}", d, d, 0.0, i == 2, z, z) for i, d in enumerate([10.0, 20.0, 10.0])]
     out = scale_to_total(clips, 60.0)
     assert [c.duration for c in out] == [15.0, 30.0, 15.0]
-    assert [c.start_s for c in out] == [0.0, 15.0, 45.0]
+    # The 30 s clip fades out: it renders 33 s, of which the DiT's window holds 29.95, and the next
+    # clip starts 3 s before that ends (where the joined audio puts it), not at 15 + 30.
+    assert [c.start_s for c in out] == [0.0, 15.0, 15.0 + WAVE_SAMPLES / VAE_SAMPLE_RATE - CROSSFADE_S]
     assert [c.llm_duration for c in out] == [10.0, 20.0, 10.0]
+    out = scale_to_total(clips, 40.0)       # within the window: starts are the sums of durations
+    assert [c.start_s for c in out] == [0.0, 10.0, 30.0]
 
 
 def test_token_limit_cut_drops_the_incomplete_clip(planner, reference, sample_instructions):
@@ -251,6 +257,23 @@ def test_token_limit_cut_drops_the_incomplete_clip(planner, reference, sample_in
     assert clips[0].is_last
     summary = p.summaries["cut"]
     assert len(summary.generated_ids) == cut and summary.dropped and "token limit" in summary.dropped[0]
+
+
+def test_the_deployments_plan_budget_caps_every_request(planner, reference, sample_instructions, monkeypatch):
+    """``engine_options.max_new_tokens`` is the ceiling whatever a request asks: the same cut as a
+    request budget, at the option's value."""
+    p, _ = planner
+    caption, total = sample_instructions[0]
+    full_ids, _ = reference_plan(reference, caption, total)
+    plan = parse_plan(full_ids, reference.tok, reference.tokenizer.decode)
+    cut = plan.clips[1].t5_pos + 2
+    monkeypatch.setattr(p.options, "max_new_tokens", cut)
+    clips = run_plan(planner, PlanRequest(caption, total, request_id="deployment-cut"))
+    assert [c.caption for c in clips] == [plan.clips[0].caption]
+    assert len(p.summaries["deployment-cut"].generated_ids) == cut
+    for bad in (0, 5000, 2.5):
+        with pytest.raises(ValueError, match=r"max_new_tokens must be an integer in \[1, max_model_len 2048\]"):
+            EngineOptions.from_dict({"max_new_tokens": bad})
 
 
 def test_no_complete_clip_is_a_typed_error(planner, reference, sample_instructions):

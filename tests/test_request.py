@@ -134,3 +134,42 @@ def test_every_special_and_added_token_is_a_refused_control_token(converted):
             parse(instruction=f"a {token} b")
     for text in ("a <t5_00100> b", "im_end and <| gen |>", "timestamp 3.5 s", "<aud_1>", "t5 t5_00001"):
         assert parse(instruction=text).instruction == text
+
+
+@pytest.mark.parametrize("durations", [[29.0, 12.0], [12.0, 30.0], [400.0, 28.5, 30.0], [26.9, 27.1, 5.0]])
+def test_reported_starts_and_durations_are_where_the_joined_audio_puts_each_clip(durations):
+    """A clip longer than the DiT window holds (29.95 s; 26.95 s plus the crossfade for a clip that
+    fades out) renders the window: the joined story places the next clip earlier than the written
+    duration says, and the reported start and duration follow the audio, not the text."""
+    from audiostory_ensemble.llm.planner import PlannedClip, scale_to_total, story_duration
+    from audiostory_ensemble.model import post
+    from audiostory_ensemble.model.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE, WAVE_SAMPLES
+    from audiostory_ensemble.serving.records import ClipMeta
+    from audiostory_ensemble.serving.request import RequestParams
+
+    sr = OUTPUT_SAMPLE_RATE
+    rendered = post.clip_durations([story_duration(d) for d in durations])
+    # What each clip's audio is: the window's wave trimmed to the rendered length, at 32 kHz; each
+    # clip marks its own first sample so its place in the joined story can be read back.
+    audios = []
+    for k, r in enumerate(rendered):
+        n = min(int(r * VAE_SAMPLE_RATE), WAVE_SAMPLES)
+        a = np.zeros((2, post._resampled_length(n, VAE_SAMPLE_RATE, sr)), np.float32)
+        audios.append(a)
+    lengths = [a.shape[1] for a in audios]
+    xf = round(post.CROSSFADE_S * sr)
+    true_starts = [sum(lengths[:k]) - k * xf for k in range(len(lengths))]
+    story_len = sum(lengths) - (len(lengths) - 1) * xf
+    assert post.crossfade(audios, sr).shape[1] == story_len
+
+    clips = [PlannedClip(k, f"c{k}", story_duration(d), d, 0.0, k == len(durations) - 1, None, None, 0)
+             for k, d in enumerate(durations)]
+    clips = scale_to_total(clips, sum(durations))     # the starts as the planner computes them
+    params = RequestParams("x", sum(durations), 4.0, 0, 2, "model")
+    metas = [ClipMeta.of_planned(c, params, "r", 0.0, "k") for c in clips]
+    for k, m in enumerate(metas):
+        assert abs(m.start_s * sr - true_starts[k]) <= 1, (k, m.start_s, true_starts[k] / sr)
+    last = metas[-1]
+    assert abs((last.start_s + last.duration_s) * sr - story_len) <= 1
+    for m, r in zip(metas, rendered):
+        assert m.render_s == r          # what the DiT is asked is unchanged (the reference's)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from audiostory_ensemble.model.config import MAX_NEW_TOKENS
+
 
 @dataclass
 class EngineOptions:
@@ -19,6 +21,9 @@ class EngineOptions:
     max_num_seqs: int = 64
     enable_prefix_caching: bool = True
     seed: int = 0
+    # The plan's token budget (generated and forced tokens together): the official 1600, or less
+    # where a deployment wants a plan cut short rather than a long wait (e.g. a random-weight model).
+    max_new_tokens: int = MAX_NEW_TOKENS
     # Constrain each generate part to the plan grammar (model/grammar.py: plan_grammar), with
     # vLLM's structured outputs on the guidance backend. False: free text parsed afterwards, as the
     # official code does (a plan that does not parse fails its request).
@@ -56,6 +61,9 @@ class EngineOptions:
             raise ValueError(f"unknown engine option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)} "
                              "(other vLLM engine arguments go in engine_args, as vLLM names them)")
         options = cls(**d)
+        if not (isinstance(options.max_new_tokens, int) and 1 <= options.max_new_tokens <= options.max_model_len):
+            raise ValueError(f"engine option max_new_tokens must be an integer in [1, max_model_len "
+                             f"{options.max_model_len}], got {options.max_new_tokens!r}")
         options.check_engine_args()
         return options
 

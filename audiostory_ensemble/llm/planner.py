@@ -43,6 +43,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
+from ..model import post
 from ..model.checkpoint import Converted, load_converted
 from ..model.config import (
     DEFAULT_DURATION_POLICY,
@@ -164,6 +165,11 @@ class Planner:
             disable_log_stats=True, generation_config="vllm",
             enable_prompt_embeds=self.hears_audio,
         )
+        from vllm.platforms import current_platform
+        if current_platform.is_cpu():
+            # A CPU host's KV space: kv_cache_gib, fractions too (vLLM's VLLM_CPU_KVCACHE_SPACE, whole
+            # GiB only, still wins where it is set). A 2,048-token plan at full size needs 72 MiB.
+            kw.update(kv_cache_memory_bytes=int(o.kv_cache_gib * 2**30))
         if pooling:
             from vllm.config import PoolerConfig
             kw.update(runner="pooling", convert="embed", enable_prefix_caching=False,
@@ -190,7 +196,6 @@ class Planner:
             return self
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.options.kv_cache_gib))))
         before = set(descendants(os.getpid()))
         loggers = (lambda engine: None if engine_metrics is None else [engine_metrics.stat_logger(engine)])
         self.generate_engine = AsyncLLM.from_engine_args(self._engine_args(pooling=False),
@@ -334,7 +339,8 @@ class Planner:
         from vllm.sampling_params import RequestOutputKind
 
         prompt = self.prompt_ids(request)
-        tokens = PlanTokens(self.tok, self.tokenizer.decode, int(request.max_new_tokens))
+        budget = min(int(request.max_new_tokens), self.options.max_new_tokens)   # the deployment's ceiling
+        tokens = PlanTokens(self.tok, self.tokenizer.decode, budget)
         pending: list[tuple[ClipSpan, asyncio.Task]] = []   # complete clips awaiting "is another next?"
         start_s = 0.0
         rid = request.request_id
@@ -363,14 +369,14 @@ class Planner:
                 # A complete clip follows the pending one: that one is not the last.
                 for prev, task in pending:
                     yield await self._clip(prev, task, prompt, False, start_s, len(tokens.gen))
-                    start_s += story_duration(prev.duration)
+                    start_s += post.heard_seconds(story_duration(prev.duration), fades_out=True)
                 pool_id = f"{rid}-p{span.index}"
                 self._engine_ids.setdefault(rid, set()).add(pool_id)
                 pending = [(span, asyncio.ensure_future(self._hidden_states(prompt + tokens.gen, pool_id, request)))]
             tokens.end()
             for i, (span, task) in enumerate(pending):
                 yield await self._clip(span, task, prompt, i == len(pending) - 1, start_s, len(tokens.gen))
-                start_s += story_duration(span.duration)
+                start_s += post.heard_seconds(story_duration(span.duration), fades_out=True)
             pending = []
         except (PlanError, PlannerError):
             raise
@@ -460,13 +466,15 @@ def part_seed(seed: int, part: int) -> int:
 
 
 def story_duration(llm_duration: float) -> float:
-    """A clip's length in the story: as the LLM wrote it, capped at the DiT's window.
+    """A clip's length as rendered: as the LLM wrote it, capped at the DiT's window (its length in
+    the joined story is ``post.heard_seconds`` of this).
 
     The repair for an absurd duration (say 400 s): the DiT renders at most its window whatever it is
     asked (the duration feature is clamped at 30 s and the trim keeps the whole wave), so the
-    reference's audio for such a clip is the window. Capping the duration leaves that audio
-    unchanged and keeps ``CLIP_START_S``/``CLIP_DURATION_S`` true to the audio. Non-positive or
-    non-finite durations never get here: the parser rejects the clip.
+    reference's audio for such a clip is the window. Capping at 30 s (the duration feature's own
+    clamp, not the 29.95 s window) leaves that audio unchanged; the reported start and duration
+    take the window into account (``heard_seconds``). Non-positive or non-finite durations never get
+    here: the parser rejects the clip.
     """
     return min(float(llm_duration), MAX_DURATION_S)
 
@@ -483,5 +491,5 @@ def scale_to_total(clips: list[PlannedClip], total: float) -> list[PlannedClip]:
         d = story_duration(c.llm_duration * factor)
         out.append(PlannedClip(c.index, c.caption, d, c.llm_duration, start, c.is_last, c.sem, c.res,
                                c.generated_tokens))
-        start += d
+        start += post.heard_seconds(d, fades_out=not c.is_last)
     return out

@@ -22,6 +22,18 @@ def render_seconds(duration: float, fades_out: bool, crossfade: float = CROSSFAD
     return float(duration) + crossfade if fades_out else float(duration)
 
 
+WINDOW_S = WAVE_SAMPLES / VAE_SAMPLE_RATE   # 29.954 s: the most audio one clip can hold
+
+
+def heard_seconds(duration: float, fades_out: bool, crossfade: float = CROSSFADE_S) -> float:
+    """How long a clip lasts in a joined story, from its start to the next clip's: its duration,
+    unless the DiT's window cut the audio shorter than :func:`render_seconds` asked (a clip that
+    fades out and lasts over 26.95 s, a last clip over 29.95 s); then what the window holds, less
+    the crossfade the next clip overlaps. The audio is the reference's either way (the crossfade
+    joins what was rendered); this keeps a clip's reported start and duration true to it."""
+    return min(float(duration), WINDOW_S - (crossfade if fades_out else 0.0))
+
+
 def clip_durations(durations: list[float], crossfade: float = CROSSFADE_S) -> list[float]:
     """Seconds requested from the DiT per clip: ``d_k + crossfade`` except for the last clip."""
     return [render_seconds(d, k + 1 < len(durations), crossfade) for k, d in enumerate(durations)]

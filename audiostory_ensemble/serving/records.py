@@ -42,8 +42,10 @@ class ClipMeta:
         in script mode the rendered length and the fades are the script clip's, and the story is
         placed on its timeline; otherwise every clip but the last renders the crossfade tail."""
         sc = clip.script
-        return cls(request_id, clip.index, clip.caption, clip.start_s, clip.duration,
-                   sc.render_s if sc else post.render_seconds(clip.duration, fades_out=not clip.is_last),
+        fades = not clip.is_last
+        return cls(request_id, clip.index, clip.caption, clip.start_s,
+                   clip.duration if sc else post.heard_seconds(clip.duration, fades_out=fades),
+                   sc.render_s if sc else post.render_seconds(clip.duration, fades_out=fades),
                    clip.is_last, params.guidance, params.seed, params.num_steps, arrival, cancel_key,
                    fade_in=bool(sc and sc.fade_in), fade_out=bool(sc and sc.fade_out),
                    timeline_s=params.total_duration if sc else 0.0, mode=params.mode)
