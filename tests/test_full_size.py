@@ -52,7 +52,7 @@ def test_the_full_size_release_converts_exports_and_serves(tmp_path):
     exported graphs equal PyTorch at full size, and served on the cpu profile a script-mode story
     is the planned length through both doors, the same audio from each, and a story-mode request
     ends (a story of the planned length, or the planner's clear error) — never a hang. Needs 24 GiB,
-    about 45 GB of disk and, the first time, about 25 minutes on 2 cores (deploy/README.md)."""
+    about 45 GB of disk and, on 2 cores, about 11 minutes the first time, 7 after (deploy/README.md)."""
     import json
 
     import numpy as np
