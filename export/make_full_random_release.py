@@ -28,13 +28,11 @@ real release) is never replaced.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,19 +55,13 @@ LIBRARIES = ("torch", "transformers", "tokenizers", "diffusers", "safetensors")
 
 
 def content_hash(seed: int) -> str:
-    h = hashlib.sha256()
+    from export.make_tiny_checkpoint import sources_digest
+
     here = Path(__file__).resolve().parent
-    for path in (Path(__file__).resolve(), here / "tiny_llm.py", here / "tiny_audio.py",
-                 here / "make_tiny_checkpoint.py", Path(grammar.__file__)):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(json.dumps(FULL.to_dict(), sort_keys=True).encode())
-    h.update(f"seed={seed}".encode())
-    for lib in LIBRARIES:
-        try:
-            h.update(f"{lib}={metadata.version(lib)}".encode())
-        except metadata.PackageNotFoundError:
-            h.update(f"{lib}=none".encode())
-    return h.hexdigest()
+    return sources_digest(
+        (Path(__file__).resolve(), here / "tiny_llm.py", here / "tiny_audio.py", here / "make_tiny_checkpoint.py",
+         Path(grammar.__file__)),
+        [json.dumps(FULL.to_dict(), sort_keys=True).encode(), f"seed={seed}".encode()], LIBRARIES)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,20 +62,29 @@ LIBRARIES = ("torch", "transformers", "tokenizers", "diffusers", "safetensors", 
 # Cache key (no heavy imports: "up to date" must answer in well under 2 s)
 # ---------------------------------------------------------------------------------------------
 
-def content_hash(steps: int, seed: int) -> str:
+def sources_digest(paths, parts: list[bytes], libraries) -> str:
+    """sha256 over the files (name and bytes), ``parts`` and the installed versions of ``libraries``:
+    the cache key of a release maker."""
     h = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for path in (Path(__file__).resolve(), here / "tiny_llm.py", here / "tiny_audio.py",
-                 Path(tiny_story.__file__), Path(grammar.__file__)):
+    for path in paths:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(json.dumps(TINY.to_dict(), sort_keys=True).encode())
-    h.update(json.dumps({"steps": steps, "seed": seed}, sort_keys=True).encode())
-    for lib in LIBRARIES:
+    for part in parts:
+        h.update(part)
+    for lib in libraries:
         try:
             h.update(f"{lib}={metadata.version(lib)}".encode())
         except metadata.PackageNotFoundError:
             h.update(f"{lib}=none".encode())
     return h.hexdigest()
+
+
+def content_hash(steps: int, seed: int) -> str:
+    here = Path(__file__).resolve().parent
+    return sources_digest(
+        (Path(__file__).resolve(), here / "tiny_llm.py", here / "tiny_audio.py", Path(tiny_story.__file__),
+         Path(grammar.__file__)),
+        [json.dumps(TINY.to_dict(), sort_keys=True).encode(),
+         json.dumps({"steps": steps, "seed": seed}, sort_keys=True).encode()], LIBRARIES)
 
 
 # ---------------------------------------------------------------------------------------------
