@@ -433,6 +433,11 @@ def test_vllm_engine_arguments_pass_through_as_vllm_names_them(converted):
         EngineOptions.from_dict({"max_num_batched_tokens": 1})
     with pytest.raises(ValueError, match=r"tensor_parallel_size is 2, but llm_gpus places the llm on 1 GPU"):
         EngineOptions.from_dict({"tensor_parallel_size": 2}).check_gpus([3])
+    # On a CPU host each engine's KV space is kv_cache_gib, fractions included (vLLM's own variable
+    # takes whole GiB).
+    quarter = Planner(converted, EngineOptions.from_dict({"kv_cache_gib": 0.25}))
+    assert quarter._engine_args(pooling=False).kv_cache_memory_bytes == 2**28
+    assert quarter._engine_args(pooling=True).kv_cache_memory_bytes == 2**28
     EngineOptions.from_dict({"tensor_parallel_size": 2}).check_gpus([2, 3])
 
 
