@@ -9,12 +9,13 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all tiny full-random full-size convert export engines repo serve demo web bench bench-orchestration soak perf deploy-check gpu-lock clean
+.PHONY: help setup lint test test-all tiny full-random full-size convert export engines repo serve demo web bench bench-orchestration soak perf deploy-check gpu-lock clean
 
 help:
 	@echo "make setup       install the venv, Triton 2.51 and perf_analyzer (idempotent)"
 	@echo "make demo        tiny model end to end: checkpoint, convert, export, serve, client -> build/demo/story.wav"
-	@echo "make test        run the test suite (CPU, tiny model, real tritonserver)"
+	@echo "make test        lint, then the test suite (CPU, tiny model, real tritonserver)"
+	@echo "make lint        ruff (pinned in requirements.lock; settings in pyproject.toml)"
 	@echo "make tiny        build the tiny checkpoint (official layout) under build/checkpoints/tiny/release"
 	@echo "make full-random a full-size release with seeded random weights (17 GiB) in build/checkpoints/full/release"
 	@echo "make full-size   the full size end to end here: release, convert, export, repo, three stories served (build/full-size/)"
@@ -35,7 +36,10 @@ help:
 setup:
 	bash scripts/setup.sh
 
-test:
+lint:
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-all:

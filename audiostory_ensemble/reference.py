@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .llm import script as script_mod
 from .model import post
 from .model.checkpoint import load_converted
 from .model.config import (
@@ -38,10 +37,10 @@ from .model.config import (
     DEFAULT_TOTAL_DURATION_S,
     MAX_NEW_TOKENS,
     OUTPUT_SAMPLE_RATE,
-    VAE_SAMPLE_RATE,
 )
 from .model.grammar import Plan, build_instruction, build_prompt, parse_plan
 from .model.sampler import initial_noise
+from .pipeline import script as script_mod
 
 
 class ForcedRunProcessor:
@@ -182,7 +181,7 @@ class ReferencePipeline:
     def clip_audio(self, cond: torch.Tensor, render_s: float, guidance: float, num_steps: int, seed: int):
         """One clip: its latent, and its audio rendered for ``render_s`` — trimmed, at 32 kHz."""
         latent = self.render(cond, render_s, guidance, num_steps, seed)
-        audio = post.resample(post.trim(self.decode(latent), render_s), VAE_SAMPLE_RATE, OUTPUT_SAMPLE_RATE)
+        audio = post.clip_audio(self.decode(latent), render_s)
         return latent, audio
 
     # -- the whole story --------------------------------------------------------------------------

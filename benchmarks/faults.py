@@ -36,7 +36,7 @@ from pathlib import Path
 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.model import layout
-from audiostory_ensemble.serving.processes import children, cmdline, descendants, start_time
+from audiostory_ensemble.runtime.processes import children, cmdline, descendants, start_time
 from audiostory_ensemble.serving.supervisor import RestartPolicy
 from audiostory_ensemble.serving.triton_server import TritonServer
 from benchmarks.bench_dit_step import commit, machine
@@ -50,8 +50,8 @@ KINDS = ("dit_sampler", "bridge", "vae_decoder", "dit_step", "llm", "EngineCore:
 def find_victim(server, kind: str) -> int:
     if kind.startswith(("EngineCore", "Worker")):
         name, _, which = kind.partition(":")
-        procs = sorted((p for p in descendants(server.process.pid) if (cmdline(p) or [""])[0].startswith(f"VLLM::{name}")),
-                       key=start_time)
+        procs = sorted((p for p in descendants(server.process.pid)
+                        if (cmdline(p) or [""])[0].startswith(f"VLLM::{name}")), key=start_time)
         return procs[1 if which == "pooling" else 0]        # the engines start generate first
     for pid in children(server.process.pid):
         if any(a.endswith(f"/{kind}/1/model.py") for a in cmdline(pid)):
@@ -255,12 +255,12 @@ def run(args) -> dict:
         report["after"] = {"stories": [r["outcome"] for r in after.results],
                            "tree_before": roles_before, "tree_after": tree_roles(server),
                            "failure": server.failure}
-        from tests.serverutil import scrape     # the front door's stuck-thread gauges
+        from tests.serverutil import scrape  # the front door's stuck-thread gauges
         metrics = scrape(server)
         report["after"]["stuck"] = {k: v for k, v in metrics.items() if "stuck_" in k}
     finally:
         server.stop()
-    from audiostory_ensemble.serving.processes import unlink_unmapped_shm
+    from audiostory_ensemble.runtime.processes import unlink_unmapped_shm
     new = [f"/dev/shm/{n}" for n in sorted(set(os.listdir("/dev/shm")) - shm_before)]
     report["shm_left_after_stop"] = [Path(p).name for p in unlink_unmapped_shm([], new, timeout=5)]
     path = out_dir / f"faults_{args.model}{'_per_fault' if args.per_fault else ''}.json"

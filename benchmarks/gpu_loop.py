@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     batches = []
     scheduler = StepScheduler(engine, on_batch=lambda rows, *_: batches.append(rows))
     report = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (dry run)",
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "config": f"{args.config} (random weights)",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "config": f"{args.config} (random weights)",
               "dtype": str(dtype).replace("torch.", ""), "steps": args.steps,
               "cuda_graphs": engine.cuda_graphs, "rows": []}
     try:

@@ -72,7 +72,7 @@ def null_graphs(n: int, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     f32 = TensorProto.FLOAT
     x, cond, duration, sigma, sigma_next, guidance = names.DIT_STEP_INPUTS
-    vec = lambda name: helper.make_tensor_value_info(name, f32, ["B"])  # noqa: E731
+    vec = lambda name: helper.make_tensor_value_info(name, f32, ["B"])
     dit = helper.make_graph(
         [helper.make_node("Mul", [x, "keep"], [names.DIT_STEP_OUTPUT])], "null_dit_step",
         [helper.make_tensor_value_info(x, f32, ["B", LATENT_FRAMES, LATENT_CHANNELS]),

@@ -24,7 +24,7 @@ from audiostory_ensemble.llm.engine_options import EngineOptions
 from audiostory_ensemble.llm.planner import Planner, PlanRequest
 from audiostory_ensemble.model import layout
 from audiostory_ensemble.model.grammar import NoClipError, PlanError
-from audiostory_ensemble.serving.loop import LoopThread
+from audiostory_ensemble.runtime.loop import LoopThread
 from audiostory_ensemble.tiny_story import SAMPLE_INSTRUCTIONS
 from benchmarks.bench_dit_step import commit, machine
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.model import layout
-from audiostory_ensemble.serving.processes import descendants
+from audiostory_ensemble.runtime.processes import descendants
 from benchmarks.bench_dit_step import commit, machine
 from benchmarks.loadgen import grpc_inputs, one_story, pct, workload
 
@@ -152,7 +152,8 @@ async def one_full(client, item: dict) -> dict:
 
     inputs = grpc_inputs(item)
     start = time.perf_counter()
-    result = await client.infer(I.FULL_MODEL, inputs, outputs=[aio.InferRequestedOutput(t.name) for t in I.FULL_OUTPUTS])
+    outputs = [aio.InferRequestedOutput(t.name) for t in I.FULL_OUTPUTS]
+    result = await client.infer(I.FULL_MODEL, inputs, outputs=outputs)
     captions = result.as_numpy(I.CAPTIONS.name)
     plan = json.loads(result.as_numpy(I.PLAN.name)[0])
     indices = [c["index"] for c in plan["clips"]]

@@ -105,7 +105,7 @@ def _print_clip(t0: float):
 
 
 def cmd_dub(args) -> int:
-    from audiostory_ensemble.llm.script import ScriptError, parse_segments
+    from audiostory_ensemble.pipeline.script import ScriptError, parse_segments
 
     from .dub import DubError, dub, probe
     from .subtitles import CueRules, SubtitleError, script_from_file

@@ -1,5 +1,5 @@
-"""Client library: stream a story over gRPC (``audiostory``) or fetch it whole over HTTP
-(``audiostory_full``)."""
+"""Client library: stream a story over gRPC (``audiostory_stream``, the front door) or fetch it
+whole over HTTP (``audiostory_full``). Needs numpy and tritonclient, not torch."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.model.grammar import model_failed
+from audiostory_ensemble.pipeline.stitch import Clip, Story, StoryAssembler
+from audiostory_ensemble.runtime.stages import down_stage
 from audiostory_ensemble.serving.control import BUSY
-from audiostory_ensemble.serving.stages import down_stage
-from audiostory_ensemble.serving.stitch import Clip, Story, StoryAssembler
 
 _HTTP_STATUS = {"400": "INVALID_ARGUMENT", "499": "CANCELLED", "500": "INTERNAL", "503": "UNAVAILABLE"}
 

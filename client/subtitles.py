@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from audiostory_ensemble.llm.script import MIN_SEGMENT_S, ScriptError, parse_segments
+from audiostory_ensemble.pipeline.script import MIN_SEGMENT_S, ScriptError, parse_segments
 
 OVERLAP_RULES = ("merge", "clip")
 SHORT_RULES = ("widen", "drop")

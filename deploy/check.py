@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["compose"] = out
     if rc:
         summary["errors"].append(f"compose: {out}")
-    import gpu_lock   # beside this file
+    import gpu_lock  # beside this file
 
     summary["gpu_lock"] = gpu_lock.check()
     summary["errors"] += [f"gpu lock: {e}" for e in summary["gpu_lock"]["errors"]]
@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
     else:
         for label, names in summary["renders"].items():
-            print(f"chart ({label} values): {len(names)} objects valid for Kubernetes {KUBE_VERSION}: {', '.join(names)}")
+            print(f"chart ({label} values): {len(names)} objects valid for Kubernetes {KUBE_VERSION}: "
+                  f"{', '.join(names)}")
         print("observability: PrometheusRule through promtool check rules, the rules' unit tests, the dashboard, "
               "the HPA's metrics against the adapter's rules")
         print(f"Dockerfile (hadolint): {summary['hadolint']}")

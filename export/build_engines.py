@@ -81,7 +81,8 @@ def build_settings(graph: str, precision: str, profile: Profile, trt_version: st
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "bf16" and compute_capability < (8, 0):
-        raise ValueError(f"bf16 needs compute capability >= 8.0; this GPU is {compute_capability[0]}.{compute_capability[1]}")
+        major, minor = compute_capability
+        raise ValueError(f"bf16 needs compute capability >= 8.0; this GPU is {major}.{minor}")
     flags = []
     if precision == "fp16":
         flags += ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
@@ -106,7 +107,8 @@ def _require_trt_and_gpu():
         import tensorrt as trt
     except ImportError:
         raise BuildError("TensorRT is not installed: engines are built on a GPU host "
-                         "(pip install -r requirements-gpu.txt); CPU hosts serve the ONNX graphs on onnxruntime.") from None
+                         "(pip install -r requirements-gpu.txt); CPU hosts serve the ONNX graphs on "
+                         "onnxruntime.") from None
     try:
         import torch
         if not torch.cuda.is_available():

@@ -200,7 +200,8 @@ def convert_llm(ledger: KeyLedger, hydra: dict, release: Path, out: Path) -> dic
             merged = (base.float() + scale * (b @ a)).to(base.dtype)
             state[f"model.layers.{i}.{sub}.{proj}.weight"] = merged
             if (stem + "bias") in ledger.state or (stem + "base_layer.bias") in ledger.state:
-                state[f"model.layers.{i}.{sub}.{proj}.bias"] = ledger.take_first(stem + "bias", stem + "base_layer.bias")
+                bias = ledger.take_first(stem + "bias", stem + "base_layer.bias")
+                state[f"model.layers.{i}.{sub}.{proj}.bias"] = bias
         for norm in ("input_layernorm", "post_attention_layernorm"):
             ledger.take(f"{lp}{norm}.original_module.weight")
             state[f"model.layers.{i}.{norm}.weight"] = ledger.take(f"{lp}{norm}.modules_to_save.default.weight")
@@ -349,14 +350,16 @@ def derive_config(base: ModelConfig, hydra: dict, release: Path) -> ModelConfig:
         t5_feature_scale=float(agent.get("t5_feature_scale", base.t5_feature_scale)),
     )
     if dit.audio_seq_len != base.dit.audio_seq_len:
-        raise ConversionError(f"audio_seq_len {dit.audio_seq_len}: this stack serves {base.dit.audio_seq_len} latent frames")
+        raise ConversionError(f"audio_seq_len {dit.audio_seq_len}: this stack serves {base.dit.audio_seq_len} "
+                              "latent frames")
     return cfg
 
 
 def convert(release: Path, out: Path, model: str, force: bool = False) -> Path:
     release, out = Path(release), Path(out)
     if not (release / layout.RELEASE_CONFIG).exists():
-        raise ConversionError(f"{release / layout.RELEASE_CONFIG} not found: is {release} an AudioStory release folder?")
+        raise ConversionError(f"{release / layout.RELEASE_CONFIG} not found: "
+                              f"is {release} an AudioStory release folder?")
     fingerprint = _source_fingerprint(release, model)
     manifest_path = out / layout.MANIFEST
     if not force and manifest_path.exists():

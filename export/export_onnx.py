@@ -83,7 +83,8 @@ def _check_dynamic(path: Path, inputs) -> None:
         if inp.name in inputs:
             d0 = inp.type.tensor_type.shape.dim[0]
             if not d0.dim_param:
-                raise RuntimeError(f"{path.name}: input {inp.name} has a fixed batch ({d0.dim_value}); export broke the dynamic axis")
+                raise RuntimeError(f"{path.name}: input {inp.name} has a fixed batch ({d0.dim_value}); "
+                                   "export broke the dynamic axis")
 
 
 def graph_io(path: Path) -> dict:

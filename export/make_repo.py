@@ -29,8 +29,8 @@ from audiostory_ensemble import names
 from audiostory_ensemble.llm.engine_options import EngineOptions
 from audiostory_ensemble.model import layout
 from audiostory_ensemble.model.checkpoint import load_converted
+from audiostory_ensemble.pipeline.request import Limits
 from audiostory_ensemble.serving import control
-from audiostory_ensemble.serving.request import Limits
 
 TEMPLATES = layout.PROJECT_ROOT / "model_repository"
 PIPELINE = (names.LLM, names.BRIDGE, names.SAMPLER, names.DIT_STEP, names.VAE, I.ENSEMBLE, I.STREAM_MODEL,
@@ -218,7 +218,8 @@ def make_repo(profile: str, model: str, out: Path, settings_path: Path | None = 
     checkpoint = layout.converted_dir(model) if not Path(model).exists() else Path(model).resolve()
     onnx_dir = Path(onnx_dir).resolve() if onnx_dir else layout.export_dir(model)
     # The engines manifest (build_engines.py writes it beside the plans); generating needs no GPU.
-    manifest = Path(engines_manifest).resolve() if engines_manifest else layout.BUILD / "engines" / model / "engines.json"
+    default_manifest = layout.BUILD / "engines" / model / "engines.json"
+    manifest = Path(engines_manifest).resolve() if engines_manifest else default_manifest
     if engines_manifest and not manifest.is_file():
         raise SystemExit(f"make_repo: engines manifest {manifest} not found")
     engines_dir = manifest.parent

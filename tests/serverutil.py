@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.serving.processes import unlink_unmapped_shm
+from audiostory_ensemble.runtime.processes import unlink_unmapped_shm
 from audiostory_ensemble.serving.triton_server import TritonServer
 from client.api import close_stream, request_arrays
 from export.make_repo import make_repo

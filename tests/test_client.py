@@ -15,8 +15,8 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, 
 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.model.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE
-from audiostory_ensemble.serving.request import parse_request
-from audiostory_ensemble.serving.stitch import StoryAssembler
+from audiostory_ensemble.pipeline.request import parse_request
+from audiostory_ensemble.pipeline.stitch import StoryAssembler
 from client.__main__ import _params, prepend_input
 from client.api import _clip_from, request_arrays
 
@@ -81,7 +81,8 @@ def test_server_clips_become_python_values_and_a_story():
     for index, start, duration, last in ((1, 4.0, 5.5, True), (0, 0.0, 4.0, False)):   # out of order
         clip = _clip_from(server_outputs(index, f"clip {index}", start, duration, last,
                                          int((duration + (0 if last else CROSSFADE_S)) * OUTPUT_SAMPLE_RATE)).get)
-        assert (type(clip.index), type(clip.start_s), type(clip.duration_s), type(clip.is_last)) == (int, float, float, bool)
+        types = (type(clip.index), type(clip.start_s), type(clip.duration_s), type(clip.is_last))
+        assert types == (int, float, float, bool)
         story.add_clip(clip)
     done = story.finish()
     assert done.captions == ["clip 0", "clip 1"] and done.starts == [0.0, 4.0]

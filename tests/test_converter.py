@@ -39,7 +39,8 @@ def test_merged_llm_equals_lora_forward(tiny_release, converted):
     for layer in range(converted.config.llm.num_layers):
         for sub, proj in (("self_attn", "q_proj"), ("self_attn", "v_proj"), ("mlp", "gate_proj")):
             stem = f"{p}model.layers.{layer}.{sub}.{proj}."
-            w, a, b = state[stem + "weight"], state[stem + "lora_A.default.weight"], state[stem + "lora_B.default.weight"]
+            w = state[stem + "weight"]
+            a, b = state[stem + "lora_A.default.weight"], state[stem + "lora_B.default.weight"]
             lora_forward = x @ w.T + scale * ((x @ a.T) @ b.T)
             merged_forward = x @ merged[f"model.layers.{layer}.{sub}.{proj}.weight"].T
             torch.testing.assert_close(merged_forward, lora_forward, rtol=1e-5, atol=1e-5)

@@ -55,8 +55,8 @@ def tier(converted, test_build_dir):
 @pytest.fixture(scope="module")
 def server(exported, tier, test_build_dir):
     urls, _ = tier
-    with served(test_build_dir, "remote", {"engine_options": {"generate_url": urls["generate"],
-                                                              "pooling_url": urls["pooling"], "remote_retries": 1}}) as s:
+    options = {"generate_url": urls["generate"], "pooling_url": urls["pooling"], "remote_retries": 1}
+    with served(test_build_dir, "remote", {"engine_options": options}) as s:
         yield s
 
 

@@ -169,7 +169,8 @@ def test_a_cue_the_server_would_refuse_is_named_by_its_line(tmp_path):
     bad = tmp_path / "bad.srt"
     bad.write_text("1\n00:00:01,000 --> 00:00:02,000\n[rain]\n\n2\n00:00:03,000 --> 00:00:05,000\n"
                    "[<|im_end|> explosion]\n", encoding="utf-8")
-    with pytest.raises(SubtitleError, match=r"line 6: SEGMENTS\[1\]\.caption must not contain the model's control token"):
+    with pytest.raises(SubtitleError,
+                       match=r"line 6: SEGMENTS\[1\]\.caption must not contain the model's control token"):
         script_from_file(bad, 10.0)
     many = "".join(f"{i + 1}\n00:{i // 60:02d}:{i % 60:02d},000 --> 00:{i // 60:02d}:{i % 60:02d},500\n[tick {i}]\n\n"
                    for i in range(70))

@@ -146,8 +146,9 @@ def test_concurrent_requests_equal_solo_and_dit_step_batches(client, server, sam
 
     def run(seed):
         try:
-            results[seed] = AudioStoryClient(server.grpc_url).generate(caption, total_duration=total, num_steps=6, seed=seed)
-        except Exception as e:  # noqa: BLE001
+            client = AudioStoryClient(server.grpc_url)
+            results[seed] = client.generate(caption, total_duration=total, num_steps=6, seed=seed)
+        except Exception as e:  # noqa: BLE001 - every failure is collected and asserted on below
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(s,)) for s in seeds]
@@ -358,7 +359,7 @@ SCRIPT = [{"start": 1.0, "end": 9.5, "caption": "a dog barks twice"},
 
 
 def test_script_mode_is_timeline_exact_and_equals_the_reference(client, server, reference):
-    from audiostory_ensemble.llm import script
+    from audiostory_ensemble.pipeline import script
 
     story = client.generate(None, segments=SCRIPT, num_steps=4)
     sr = story.sample_rate
@@ -440,10 +441,10 @@ def test_a_cancelled_stream_stops_the_sampler_within_a_step(server, sample_instr
     many steps run while the cancel travels from the client (the front door's poll, two BLS hops)
     depends on the machine's load, not on the code, and is not asserted."""
     caption, _ = sample_instructions[0]
-    rows = lambda: metric(server, ROWS, "dit_step")  # noqa: E731
-    sampler = lambda name: metric(server, name, "dit_sampler")  # noqa: E731
-    held = lambda: sampler("audiostory_steps_after_cancel_count")  # noqa: E731
-    at_most_one = lambda: scrape(server)['audiostory_steps_after_cancel_bucket{model="dit_sampler",le="1"}']  # noqa: E731
+    rows = lambda: metric(server, ROWS, "dit_step")
+    sampler = lambda name: metric(server, name, "dit_sampler")
+    held = lambda: sampler("audiostory_steps_after_cancel_count")
+    at_most_one = lambda: scrape(server)['audiostory_steps_after_cancel_bucket{model="dit_sampler",le="1"}']
     rows0, cancelled0, saved0, held0, within0 = (rows(), sampler("audiostory_clips_cancelled_total"),
                                                  sampler("audiostory_steps_saved_total"), held(), at_most_one())
     steps = 200
@@ -463,7 +464,7 @@ def test_a_cancelled_stream_stops_the_sampler_within_a_step(server, sample_instr
 
 def test_a_cancel_during_planning_aborts_the_plan(server, sample_instructions):
     caption, _ = sample_instructions[0]
-    plans = lambda: metric(server, "audiostory_plans_cancelled_total", "llm")  # noqa: E731
+    plans = lambda: metric(server, "audiostory_plans_cancelled_total", "llm")
     plans0 = plans()
     dropped0 = metric(server, "audiostory_clips_cancelled_total", "dit_sampler")
     rows0 = metric(server, ROWS, "dit_step")
@@ -621,8 +622,8 @@ def test_web_page_dubs_an_uploaded_video_and_plays_it(server, test_build_dir, tm
 
 # ---- bounded state ------------------------------------------------------------------------------------
 
-IN_FLIGHT = {"llm": ("plans_by_key", "engine_requests"),
-             "dit_sampler": ("request_limiter", "scheduler_rows", "scheduler_pending")}
+IN_FLIGHT = {"llm": ("tasks_by_key", "engine_requests"),
+             "dit_sampler": ("tasks_by_key", "request_limiter", "scheduler_rows", "scheduler_pending")}
 
 
 def tracked(server) -> dict[tuple[str, str], float]:

@@ -63,7 +63,7 @@ def test_fifty_steps_through_onnx_match_the_torch_sampler(converted, step, dit_s
         want = sample_latent(step, cond, 12.0, 4.0, 50).numpy()
     x = initial_noise(0).numpy()
     sig = flow_sigmas(50).numpy()
-    one = lambda v: np.array([v], np.float32)  # noqa: E731
+    one = lambda v: np.array([v], np.float32)
     for i in range(50):
         x = dit_session.run(None, {"x": x, "cond": cond.numpy(), "duration": one(12.0), "sigma": one(sig[i]),
                                    "sigma_next": one(sig[i + 1]), "guidance": one(4.0)})[0]
@@ -109,7 +109,7 @@ def test_precision_rules():
 
 def test_build_without_tensorrt_says_so_in_one_sentence(capsys):
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt  # noqa: F401 - only whether it imports
         pytest.skip("TensorRT is installed here: this checks the CPU-host message")
     except ImportError:
         pass

@@ -1,11 +1,11 @@
-"""The asyncio admission gates and the cancel registry (serving/gates.py), on the event loop alone."""
+"""The asyncio admission gates and the cancel registry (runtime/gates.py), on the event loop alone."""
 import pytest
 
 
 def test_per_key_limiter_serves_in_order_and_forgets_idle_keys():
     import asyncio
 
-    from audiostory_ensemble.serving.gates import PerKeyLimiter
+    from audiostory_ensemble.runtime.gates import PerKeyLimiter
 
     limiter = PerKeyLimiter(1)
     events = []
@@ -29,7 +29,7 @@ def test_per_key_limiter_serves_in_order_and_forgets_idle_keys():
 def test_priority_gate_admits_the_oldest_request_first_and_never_exceeds_capacity():
     import asyncio
 
-    from audiostory_ensemble.serving.gates import PriorityGate
+    from audiostory_ensemble.runtime.gates import PriorityGate
 
     gate = PriorityGate(2)
     started, holding = [], [0]
@@ -60,7 +60,7 @@ def test_priority_gate_admits_the_oldest_request_first_and_never_exceeds_capacit
 def test_priority_gate_survives_cancelled_waiters():
     import asyncio
 
-    from audiostory_ensemble.serving.gates import PriorityGate
+    from audiostory_ensemble.runtime.gates import PriorityGate
 
     gate = PriorityGate(1)
 
@@ -91,7 +91,7 @@ def test_priority_gate_survives_cancelled_waiters():
 
 
 def test_cancel_registry_remembers_keys_for_the_ttl():
-    from audiostory_ensemble.serving.gates import CancelRegistry
+    from audiostory_ensemble.runtime.gates import CancelRegistry
 
     now = [0.0]
     reg = CancelRegistry(ttl=10, clock=lambda: now[0])
@@ -104,7 +104,7 @@ def test_cancel_registry_remembers_keys_for_the_ttl():
 
 
 def test_cancel_registry_is_capped_under_a_flood_of_cancels():
-    from audiostory_ensemble.serving.gates import CancelRegistry
+    from audiostory_ensemble.runtime.gates import CancelRegistry
 
     now = [0.0]
     reg = CancelRegistry(ttl=10, clock=lambda: now[0], max_keys=100)
@@ -116,3 +116,42 @@ def test_cancel_registry_is_capped_under_a_flood_of_cancels():
     reg.cancel("k900")                    # a repeated cancel renews its key: it is now the newest
     now[0] = 11.0                         # past the ttl of all but the renewed key
     assert len(reg) == 1 and "k900" in reg
+
+
+def test_a_cancel_scope_cancels_a_storys_work_on_its_loop_and_refuses_what_comes_later():
+    """The llm stage's case: the plans run on the engines' loop, the cancel arrives on Triton's
+    thread. The story's tasks are cancelled, other stories' are not, a plan of the story that
+    starts after the cancel is refused at once, and nothing stays tracked."""
+    import asyncio
+    import concurrent.futures
+    import threading
+
+    from audiostory_ensemble.runtime.gates import CancelScope
+    from audiostory_ensemble.runtime.loop import LoopThread
+
+    loop = LoopThread("scope-test")
+    scope = CancelScope(loop.loop)
+    started = {"a": threading.Event(), "b": threading.Event()}
+
+    async def work(key):
+        with scope.track(key):
+            started[key].set()
+            try:
+                await asyncio.sleep(30)
+                return "finished"
+            except asyncio.CancelledError:
+                return "cancelled"
+    try:
+        a, b = loop.submit(work("a")), loop.submit(work("b"))
+        assert started["a"].wait(5) and started["b"].wait(5)
+        assert scope.tracked() == {"cancelled_keys": 0, "tasks_by_key": 2}
+        assert scope.cancel("a") == 1 and scope.cancel("") == 0
+        assert a.result(5) == "cancelled" and not b.done()
+        assert scope.cancelled("a") and not scope.cancelled("b")
+        late = loop.submit(work("a"))          # the story's next plan, after its cancel
+        concurrent.futures.wait([late], 5)
+        assert late.cancelled(), "a plan of a cancelled story was allowed to start"
+        assert scope.cancel_all() == 1 and b.result(5) == "cancelled"
+        assert scope.tracked() == {"cancelled_keys": 1, "tasks_by_key": 0}
+    finally:
+        loop.stop()

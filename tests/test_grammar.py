@@ -22,7 +22,7 @@ def toy_vocab(n=3, m=2):
             return [ids.get(t) for t in toks]
 
     tok = G.TokenIds.from_tokenizer(Tok(), n, m)
-    decode = lambda seq: "".join(words[i] for i in seq)  # noqa: E731
+    decode = lambda seq: "".join(words[i] for i in seq)
     return ids, tok, decode
 
 
@@ -44,7 +44,8 @@ def test_added_tokens_official_order_and_count():
 
 def test_prompt_matches_reference_format():
     instruction = G.build_instruction("rain on a roof", 50, seed=0)
-    assert instruction == "Produce an in-depth, multi-layered audio that portrays rain on a roof The total duration is 50.0 seconds."
+    assert instruction == ("Produce an in-depth, multi-layered audio that portrays rain on a roof "
+                           "The total duration is 50.0 seconds.")
     prompt = G.build_prompt(instruction)
     assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n<|think|>")

@@ -7,7 +7,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.serving.processes import alive, cmdline, descendants, shm_mappings
+from audiostory_ensemble.runtime.processes import alive, cmdline, descendants, shm_mappings
 from client.api import AudioStoryClient, AudioStoryError, request_arrays
 from tests.serverutil import OpenStream, grpc_inputs, infer_error, metric, scrape, served, wait_for
 

@@ -238,7 +238,8 @@ def test_the_autoscaling_queries_return_the_known_load(server, prometheus, sampl
     for the pod, and so does the recording rule."""
     p = prometheus
     rules = {r["name"]["as"]: r for r in yaml.safe_load(ADAPTER_RULES.read_text())["rules"]["custom"]}
-    pending_q, active_q = adapter_query(rules["audiostory_pending_stories"]), adapter_query(rules["audiostory_active_stories"])
+    pending_q = adapter_query(rules["audiostory_pending_stories"])
+    active_q = adapter_query(rules["audiostory_active_stories"])
     assert p.value(pending_q) == 0 and p.value(active_q) == 0
 
     caption, _ = sample_instructions[0]
@@ -286,7 +287,8 @@ def test_every_rule_evaluates_on_scraped_series(prometheus):
         for rule in group["rules"]:
             missing = unknown_series(p, rule["expr"], known | {r.get("record") for g in rule_file["groups"]
                                                                 for r in g["rules"]})
-            assert not missing, f"{rule.get('record') or rule.get('alert')} names series Prometheus does not have: {missing}"
+            name = rule.get("record") or rule.get("alert")
+            assert not missing, f"{name} names series Prometheus does not have: {missing}"
     # Prometheus loaded them all and evaluates them without error.
     groups = p.api("rules")["data"]["groups"]
     loaded = {r["name"]: r for g in groups for r in g["rules"]}

@@ -140,7 +140,8 @@ def test_every_text_run_is_bounded_so_that_a_part_always_ends(ll):
     tok = converted.token_ids
     head = encode(converted, "2 events.") + [tok.think_close, tok.gen_open]
     for length, ok in ((G.MAX_CAPTION_CHARS, ""), (G.MAX_CAPTION_CHARS + 1, "refused")):
-        ids = head + encode(converted, "a" * length) + encode(converted, "<timestamp>6</timestamp><t5>") + tok.forced_t5()
+        caption = encode(converted, "a" * length)
+        ids = head + caption + encode(converted, "<timestamp>6</timestamp><t5>") + tok.forced_t5()
         assert (walk(ll, ids) == "") == (ok == ""), length
     matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(G.plan_grammar(tok, G.PLAN_START)),
                                    log_level=0)

@@ -8,9 +8,10 @@ import asyncio
 import numpy as np
 import pytest
 
+from audiostory_ensemble.llm.audio_input import AudioEncoder
 from audiostory_ensemble.llm.engine_options import EngineOptions
-from audiostory_ensemble.model.config import CROSSFADE_S, VAE_SAMPLE_RATE, WAVE_SAMPLES
 from audiostory_ensemble.llm.planner import PlannedClip, Planner, PlanRequest, scale_to_total
+from audiostory_ensemble.model.config import CROSSFADE_S, VAE_SAMPLE_RATE, WAVE_SAMPLES
 from audiostory_ensemble.model.grammar import (
     PLAN_PARTS,
     NoClipError,
@@ -19,7 +20,7 @@ from audiostory_ensemble.model.grammar import (
     parse_plan,
     plan_grammar,
 )
-from audiostory_ensemble.serving.loop import LoopThread
+from audiostory_ensemble.runtime.loop import LoopThread
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,9 @@ def test_concurrent_plans_equal_solo_plans(planner, sample_instructions):
         return await asyncio.gather(*(one(r) for r in requests))
 
     for alone, joint in zip(solo, loop.run(together(), timeout=300)):
-        assert [(c.caption, c.duration, c.is_last) for c in alone] == [(c.caption, c.duration, c.is_last) for c in joint]
+        def spans(clips):
+            return [(c.caption, c.duration, c.is_last) for c in clips]
+        assert spans(alone) == spans(joint)
         for a, b in zip(alone, joint):
             np.testing.assert_allclose(a.sem, b.sem, atol=1e-4)
             np.testing.assert_allclose(a.res, b.res, atol=1e-4)
@@ -290,7 +293,7 @@ def test_no_complete_clip_is_a_typed_error(planner, reference, sample_instructio
 def test_forced_script_hidden_states_equal_a_transformers_forward(planner, reference):
     import json
 
-    from audiostory_ensemble.llm import script
+    from audiostory_ensemble.pipeline import script
 
     p, _ = planner
     segments = script.parse_segments(json.dumps([
@@ -312,7 +315,7 @@ def test_forced_script_hidden_states_equal_a_transformers_forward(planner, refer
 def test_continuation_prompt_embeds_equal_a_transformers_inputs_embeds_forward(planner, reference, converted):
 
     p, _ = planner
-    encoder = converted.audio_encoder()
+    encoder = AudioEncoder.of_converted(converted)
     t = np.arange(int(2.5 * 44100)) / 44100
     audio = np.stack([np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 220 * t)]).astype(np.float32)
     rows = encoder(audio, 44100)
@@ -342,7 +345,7 @@ def test_audio_encoder_slices_positions_and_matches_the_full_window(converted):
     import torch
 
 
-    enc = converted.audio_encoder()
+    enc = AudioEncoder.of_converted(converted)
     short = enc.features(np.random.default_rng(0).standard_normal(int(3.2 * 16000)).astype(np.float32))
     assert short.shape[-1] == 320 and enc.encode(short).shape[1] == 160
     odd = enc.features(np.zeros(int(3.21 * 16000), np.float32))
@@ -374,7 +377,7 @@ def test_plan_summaries_stay_bounded_in_every_mode(planner, sample_instructions,
     import json
 
     from audiostory_ensemble.llm import planner as planner_mod
-    from audiostory_ensemble.llm import script
+    from audiostory_ensemble.pipeline import script
 
     p, _ = planner
     monkeypatch.setattr(planner_mod, "MAX_SUMMARIES", 3)
@@ -396,7 +399,7 @@ def test_a_dead_engine_is_an_error_not_a_hang(planner, sample_instructions):
     import signal
 
     from audiostory_ensemble.llm.planner import PlannerError
-    from audiostory_ensemble.serving.processes import descendants
+    from audiostory_ensemble.runtime.processes import descendants
 
     killed = 0
     for pid in descendants(os.getpid()):

@@ -7,7 +7,15 @@ import soxr
 import torch
 
 from audiostory_ensemble.model.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE, WAVE_SAMPLES
-from audiostory_ensemble.model.post import clip_durations, crossfade, resample, stitched_length, trim, write_wav
+from audiostory_ensemble.model.post import (
+    clip_durations,
+    crossfade,
+    linspace_f32,
+    resample,
+    stitched_length,
+    trim,
+    write_wav,
+)
 
 TS = int(CROSSFADE_S * OUTPUT_SAMPLE_RATE)  # 96000
 
@@ -103,3 +111,12 @@ def test_write_wav(tmp_path):
     info = sf.info(str(p))
     assert sr == 32000 and info.subtype == "FLOAT" and info.channels == 2
     np.testing.assert_array_equal(data.T, w)
+
+
+def test_the_crossfade_ramps_are_torch_linspace_bit_for_bit():
+    """The client stitches without torch; its ramps must still be the reference's torch.linspace
+    values exactly (every length up to 2,048, and the crossfades of the real sample rates)."""
+    for n in [*range(0, 2049), 44100, 48000, 96000, 96001, 132300, 1 << 20]:
+        for a, b in ((1, 0), (0, 1)):
+            want = torch.linspace(a, b, n, dtype=torch.float32).numpy()
+            assert linspace_f32(a, b, n).tobytes() == want.tobytes(), (n, a, b)

@@ -95,7 +95,8 @@ def problems(repo: Path, export_dir: Path, engines_manifest: Path | None = None)
         if [mc.ModelInstanceGroup.Kind.Name(g.kind) for g in llm.instance_group] != ["KIND_MODEL"]:
             out.append("llm: the gpu profile runs vLLM in a KIND_MODEL instance")
         if json.loads(llm.parameters["gpus"].string_value) != settings["llm_gpus"]:
-            out.append(f"llm: gpus parameter {llm.parameters['gpus'].string_value} is not llm_gpus {settings['llm_gpus']}")
+            given = llm.parameters["gpus"].string_value
+            out.append(f"llm: gpus parameter {given} is not llm_gpus {settings['llm_gpus']}")
     return out
 
 

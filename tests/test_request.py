@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.serving.request import RequestError, parse_request
+from audiostory_ensemble.pipeline.request import RequestError, parse_request
 from client.api import request_arrays
 
 
@@ -48,7 +48,8 @@ def test_bad_values_name_the_field(params, field):
 
 
 @pytest.mark.parametrize("params, message", [
-    (dict(instruction="a", total_duration=float("nan")), "TOTAL_DURATION must be a number in [1.0, 600.0] seconds, got nan"),
+    (dict(instruction="a", total_duration=float("nan")),
+     "TOTAL_DURATION must be a number in [1.0, 600.0] seconds, got nan"),
     (dict(instruction="a", total_duration=1e4), "TOTAL_DURATION must be a number in [1.0, 600.0] seconds, got 10000.0"),
     (dict(instruction="a", guidance=0.5), "GUIDANCE_SCALE must be in [1.0, 20.0] (1 = no guidance), got 0.5"),
     (dict(instruction="a", seed=-3), "SEED must be in [0, 2^63-1], got -3"),
@@ -144,8 +145,8 @@ def test_reported_starts_and_durations_are_where_the_joined_audio_puts_each_clip
     from audiostory_ensemble.llm.planner import PlannedClip, scale_to_total, story_duration
     from audiostory_ensemble.model import post
     from audiostory_ensemble.model.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE, WAVE_SAMPLES
-    from audiostory_ensemble.serving.records import ClipMeta
-    from audiostory_ensemble.serving.request import RequestParams
+    from audiostory_ensemble.pipeline.records import ClipMeta
+    from audiostory_ensemble.pipeline.request import RequestParams
 
     sr = OUTPUT_SAMPLE_RATE
     rendered = post.clip_durations([story_duration(d) for d in durations])

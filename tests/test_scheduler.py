@@ -118,6 +118,33 @@ def test_a_cancelled_clip_leaves_within_one_step_and_the_others_finish():
     assert np.array_equal(got.results["other"][0], solo(clip(2, steps=20)))
 
 
+class SlowLoad(FakeStep):
+    """Loading a row waits for ``release``: a cancel can arrive while a clip is being admitted."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.loading, self.release = threading.Event(), threading.Event()
+
+    def load(self, row, *a):
+        self.loading.set()
+        assert self.release.wait(30)
+        super().load(row, *a)
+
+
+def test_a_clip_cancelled_while_it_is_admitted_never_steps():
+    engine = SlowLoad(4)
+    sched = StepScheduler(engine)
+    got = Collect()
+    job = Job(done=got.done_for("admitted", 1), key="a", **clip(1, steps=20))
+    sched.submit(job)
+    assert engine.loading.wait(30)          # the loop has taken the job from the queue: loading it
+    assert sched.cancel("a") == 1, "the cancel missed a clip that was being admitted"
+    engine.release.set()
+    assert got.event.wait(30)
+    sched.close()
+    assert got.results["admitted"] == (None, None) and job.steps_done == 0 and engine.calls == 0
+
+
 def test_an_engine_failure_fails_the_clips_in_it_and_the_scheduler_goes_on():
     engine = FakeStep(4, fail_at=3)
     sched = StepScheduler(engine)

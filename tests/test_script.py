@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from audiostory_ensemble import interface as I
-from audiostory_ensemble.llm import script
 from audiostory_ensemble.model import post
-from audiostory_ensemble.serving.request import RequestError, parse_request
+from audiostory_ensemble.pipeline import script
+from audiostory_ensemble.pipeline.request import RequestError, parse_request
 
 SR = 32000
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from audiostory_ensemble.serving.processes import descendants
+from audiostory_ensemble.runtime.processes import descendants
 from audiostory_ensemble.serving.triton_server import GRPC_ADMIN_HEADER, TritonServer, TritonServerError, server_env
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from audiostory_ensemble.serving.records import ClipMeta
-from audiostory_ensemble.serving.request import parse_request
-from audiostory_ensemble.serving.stitch import StoryAssembler
+from audiostory_ensemble.pipeline.records import ClipMeta
+from audiostory_ensemble.pipeline.request import parse_request
+from audiostory_ensemble.pipeline.stitch import StoryAssembler
 
 
 def test_clip_meta_round_trip():
@@ -14,7 +14,7 @@ def test_clip_meta_round_trip():
 
 def test_story_assembler_orders_by_index_and_checks_completeness():
     story = StoryAssembler()
-    clip = lambda n: np.ones((2, n), np.float32)  # noqa: E731
+    clip = lambda n: np.ones((2, n), np.float32)
     story.add(1, "b", clip(32000 * 4), 5.0, 4.0, True)
     with pytest.raises(ValueError, match=r"clips \[0\] of 2 never arrived"):
         story.finish()
@@ -56,7 +56,7 @@ def test_guard_kills_engine_processes_when_the_stub_is_killed():
               "print('mapped', flush=True); time.sleep(300)\n")
     code = (
         "import subprocess, sys, threading, time\n"
-        "from audiostory_ensemble.serving.processes import guard_children\n"
+        "from audiostory_ensemble.runtime.processes import guard_children\n"
         "procs = []\n"
         f"t = threading.Thread(target=lambda: procs.append(subprocess.Popen([sys.executable, '-c', {engine!r}], "
         "stdout=subprocess.PIPE)))\n"
@@ -83,8 +83,8 @@ def test_a_planned_clip_record_has_the_render_length_and_fades_of_its_mode():
     clips take theirs from the timeline (a touching segment's tail, none after a gap)."""
     import numpy as np
 
-    from audiostory_ensemble.llm import script
     from audiostory_ensemble.llm.planner import PlannedClip
+    from audiostory_ensemble.pipeline import script
 
     def planned(i, d, last, sc=None):
         return PlannedClip(i, "c", d, d, 0.0, last, np.zeros((1, 1)), np.zeros((1, 1)), script=sc)
@@ -94,7 +94,8 @@ def test_a_planned_clip_record_has_the_render_length_and_fades_of_its_mode():
                    ClipMeta.of_planned(planned(1, 7.25, True), story, "r", 0.0, "k"))
     assert (first.render_s, last.render_s) == (15.5, 7.25)
     assert not (first.fade_in or first.fade_out) and first.timeline_s == 0.0 and first.mode == "story"
-    raw = '[{"start": 1, "end": 5, "caption": "a"}, {"start": 5, "end": 9, "caption": "b"}, {"start": 10, "end": 11, "caption": "c"}]'
+    raw = ('[{"start": 1, "end": 5, "caption": "a"}, {"start": 5, "end": 9, "caption": "b"}, '
+           '{"start": 10, "end": 11, "caption": "c"}]')
     params = parse_request(lambda name: {"SEGMENTS": np.array([raw.encode()], dtype=object)}.get(name))
     clips = script.plan_clips(params.segments)
     metas = [ClipMeta.of_planned(planned(c.index, c.duration_s, c.index == 2, c), params, "r", 0.0, "k") for c in clips]

@@ -1,10 +1,10 @@
 """What every model.py does with the python backend (serving/adapter.py: parameters, error
 responses, a BLS request re-sent after silence), the cancel fan-out
-(serving/control.py) and the front door's story loop (serving/story.py), on a small fake of
+(serving/control.py) and the front door's story loop (pipeline/story.py), on a small fake of
 ``triton_python_backend_utils``: the orchestration, testable without a server."""
 import pytest
 
-from audiostory_ensemble.serving.request import RequestError
+from audiostory_ensemble.pipeline.request import RequestError
 
 
 class _FakeTriton:
@@ -108,7 +108,8 @@ def test_a_bls_request_with_no_answer_is_sent_again_and_an_error_answer_is_not()
         pb, sent = _bls_fake(answers)
         retries = []
         try:
-            out = asyncio.run(bls_output(pb, "vae_decoder", ["latent"], "wave", 0.05, attempts, retries.append))
+            out = asyncio.run(bls_output(pb, "vae_decoder", ["latent"], "wave", 0.05, attempts,
+                                         lambda model, attempt: retries.append(attempt)))
         except RuntimeError as e:
             out = str(e)
         return out, len(sent), retries
@@ -122,6 +123,80 @@ def test_a_bls_request_with_no_answer_is_sent_again_and_an_error_answer_is_not()
     pb, sent = _bls_fake([wave])
     asyncio.run(bls_output(pb, "vae_decoder", ["latent"], "wave", 1.0, 1))
     assert sent == [("vae_decoder", ["latent"], ["wave"])]
+
+
+def test_a_dit_step_chunk_with_no_answer_is_sent_again_and_an_error_fails_the_iteration():
+    """The Triton step engine (dit_sampler's gpu path) re-sends a chunk whose BLS request is not
+    answered in time (its rows travel with the request) and fails the iteration only after silence
+    every time or an error answer."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from audiostory_ensemble.serving.step_engines import TritonStepEngine
+
+    def engine(answers, attempts=3, max_batch=2):
+        sent, lock = [], threading.Lock()
+
+        class Result:
+            def __init__(self, out):
+                self.out = out
+
+            def has_error(self):
+                return self.out is None
+
+            def error(self):
+                return self
+
+            def message(self):
+                return "model instance failed"
+
+            def as_numpy(self):
+                return self.out
+
+        class Request:
+            def __init__(self, model_name, inputs, requested_output_names, timeout):
+                self.inputs = {t.name: t.array for t in inputs}
+                with lock:
+                    sent.append((model_name, timeout))
+                    self.answer = answers[len(sent) - 1]
+
+            def exec(self):
+                if self.answer == "silent":
+                    time.sleep(1.0)          # longer than the timeout: the engine stops waiting
+                return Result(None if self.answer == "error" else self.inputs["x"] + 1)
+
+        class Pb(_FakeTriton):
+            InferenceRequest = Request
+
+            class Tensor:
+                def __init__(self, name, array):
+                    self.name, self.array = name, array
+
+            @staticmethod
+            def get_output_tensor_by_name(result, name):
+                return result
+
+        retries = []
+        e = TritonStepEngine(Pb, "dit_step", 4, 3, max_batch, timeout_s=0.1, attempts=attempts,
+                             on_retry=lambda model, attempt: retries.append((model, attempt)))
+        e.x[:] = np.arange(4, dtype=np.float32)[:, None, None]
+        try:
+            e.step(3, np.ones(3, np.float32), np.zeros(3, np.float32))
+            out = e.x[:3, 0, 0].tolist()
+        except RuntimeError as err:
+            out = str(err)
+        finally:
+            e.close()
+        return out, sent, retries
+
+    out, sent, retries = engine(["silent", "ok", "ok"])     # chunk 0 (rows 0-1) silent once, then answered
+    assert out == [1.0, 2.0, 3.0] and len(sent) == 3 and retries == [("dit_step", 1)]
+    assert sent[0] == ("dit_step", 100_000)                 # Triton's timeout, in microseconds
+    assert engine(["ok", "error"])[0] == "dit_step: model instance failed"
+    out, sent, retries = engine(["silent", "ok", "silent", "silent"])
+    assert out == "dit_step: no answer within 0.1 s, 3 attempts" and len(retries) == 2
 
 
 def test_a_story_cancel_reaches_every_stage_at_once_and_reports_the_ones_that_failed():
@@ -191,7 +266,7 @@ def test_blocking_calls_given_up_on_are_counted_until_they_return():
     import asyncio
     import threading
 
-    from audiostory_ensemble.serving.loop import DaemonCalls
+    from audiostory_ensemble.runtime.loop import DaemonCalls
 
     release = threading.Event()
 
@@ -222,7 +297,7 @@ def test_blocking_calls_given_up_on_are_counted_until_they_return():
 def test_tasks_by_key_track_and_cancel_what_is_in_flight():
     import asyncio
 
-    from audiostory_ensemble.serving.gates import TasksByKey
+    from audiostory_ensemble.runtime.gates import TasksByKey
 
     async def main():
         reg = TasksByKey()
@@ -248,7 +323,7 @@ def test_tasks_by_key_track_and_cancel_what_is_in_flight():
 
 
 def test_the_story_loop_starts_a_clip_per_plan_entry_and_ends_when_every_stream_has():
-    from audiostory_ensemble.serving import story
+    from audiostory_ensemble.pipeline import story
 
     loop = story.StoryLoop("llm", "dit_sampler", timeout_s=30.0, started_at=100.0)
     assert loop.response(story.PLAN, story.ENTRY) == story.Action("start_clip", tag="clip0")
@@ -265,7 +340,7 @@ def test_the_story_loop_starts_a_clip_per_plan_entry_and_ends_when_every_stream_
 
 
 def test_the_story_loop_stops_for_a_cancel_a_timeout_or_a_stage_error_with_the_stage_named():
-    from audiostory_ensemble.serving import story
+    from audiostory_ensemble.pipeline import story
 
     def fresh():
         loop = story.StoryLoop("llm", "dit_sampler", timeout_s=30.0, started_at=100.0)

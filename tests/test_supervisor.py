@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from audiostory_ensemble.serving import stages
-from audiostory_ensemble.serving.processes import children, descendants, kill_and_wait, shm_mappings, start_time
+from audiostory_ensemble.runtime import stages
+from audiostory_ensemble.runtime.processes import children, descendants, kill_and_wait, shm_mappings, start_time
 from audiostory_ensemble.serving.triton_server import free_port
 from tests.serverutil import ProcessTree, wait_for
 
@@ -60,7 +60,7 @@ def test_a_message_names_the_stage_that_is_down(message, stage):
 
 
 def test_a_story_ends_unavailable_when_a_stage_it_waits_on_dies():
-    from audiostory_ensemble.serving import story
+    from audiostory_ensemble.pipeline import story
 
     up = {"llm": stages.Stage(), "dit_sampler": stages.Stage()}
     died = {**up, "dit_sampler": stages.Stage(stages.RESTARTING, 1, "its process dit_sampler_0_0 (pid 7) died")}

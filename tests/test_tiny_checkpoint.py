@@ -20,7 +20,7 @@ from audiostory_ensemble.model.config import TINY
 ROOT = Path(__file__).resolve().parent.parent
 
 
-from conftest import run_tiny_maker as _run_maker  # noqa: E402
+from conftest import run_tiny_maker as _run_maker
 
 
 @pytest.fixture(scope="session")
@@ -194,7 +194,8 @@ def _llm_keys(vocab: int) -> dict[str, tuple[int, ...]]:
             p + "model.norm.original_module.weight": (h,), p + "model.norm.modules_to_save.default.weight": (h,)}
     for i in range(llm.num_layers):
         for proj, (o, n) in shapes.items():
-            stem = f"{p}model.layers.{i}.{'mlp' if proj in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{proj}"
+            block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            stem = f"{p}model.layers.{i}.{block}.{proj}"
             keys[stem + ".weight"] = (o, n)
             keys[stem + ".lora_A.default.weight"] = (r, n)
             keys[stem + ".lora_B.default.weight"] = (o, r)
@@ -215,7 +216,8 @@ def test_llm_keys_are_the_official_peft_names(release_state, release_yaml):
     for k in expected:
         if ".original_module." in k:
             # the trained copy differs from the original, so a converter reading the wrong one is caught
-            assert not torch.equal(release_state[k], release_state[k.replace("original_module", "modules_to_save.default")])
+            trained = release_state[k.replace("original_module", "modules_to_save.default")]
+            assert not torch.equal(release_state[k], trained)
         if ".lora_B." in k:
             assert release_state[k].abs().max() > 0
     assert all(v.dtype == torch.float32 for v in release_state.values())
@@ -266,7 +268,6 @@ def test_the_audio_hears_its_conditioning(reference, reference_result, sample_in
     import numpy as np
 
     from audiostory_ensemble.model import post
-    from audiostory_ensemble.model.config import OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE
     from audiostory_ensemble.model.sampler import flow_sigmas, initial_noise
 
     caption, total = sample_instructions[0]
@@ -282,7 +283,7 @@ def test_the_audio_hears_its_conditioning(reference, reference_result, sample_in
                 sigma = s[i + 1:i + 2].clamp(min=1e-3) if shift else s[i:i + 1]
                 x = step(x, cond[None], torch.tensor([duration]), sigma, sigma + s[i + 1:i + 2] - s[i:i + 1],
                          torch.tensor([4.0]))
-        audio = post.resample(post.trim(reference.decode(x), duration), VAE_SAMPLE_RATE, OUTPUT_SAMPLE_RATE)
+        audio = post.clip_audio(reference.decode(x), duration)
         return x, audio
 
     base, base_audio = render(clips[0].cond, clips[0].render_duration)
@@ -333,7 +334,9 @@ def _merged_llm(tiny_release, release_state, vocab_size):
         name = k[len(p):].replace(".modules_to_save.default.", ".")
         stem = k[: -len(".weight")]
         if k.endswith(".weight") and stem + ".lora_A.default.weight" in release_state:
-            v = v + scale * release_state[stem + ".lora_B.default.weight"] @ release_state[stem + ".lora_A.default.weight"]
+            lora_a = release_state[stem + ".lora_A.default.weight"]
+            lora_b = release_state[stem + ".lora_B.default.weight"]
+            v = v + scale * lora_b @ lora_a
         sd[name] = v
     config = AutoConfig.from_pretrained(str(tiny_release / "Qwen2.5-tiny"))
     config.vocab_size = vocab_size

@@ -7,7 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
-from audiostory_ensemble.serving.processes import alive
+from audiostory_ensemble.runtime.processes import alive
 from tests.serverutil import wait_for
 
 
@@ -16,8 +16,9 @@ def _guarded(tmp_path):
     shm = Path("/dev/shm") / f"audiostory-test-{uuid.uuid4().hex}"
     shm.write_bytes(b"x" * 4096)
     read_fd, write_fd = os.pipe()
-    dog = subprocess.Popen([sys.executable, "-m", "audiostory_ensemble.serving.watchdog", str(read_fd), str(os.getpid()),
-                            str(engine.pid), str(shm), ""], pass_fds=(read_fd,), start_new_session=True)
+    dog = subprocess.Popen([sys.executable, "-m", "audiostory_ensemble.runtime.watchdog", str(read_fd),
+                            str(os.getpid()), str(engine.pid), str(shm), ""],
+                           pass_fds=(read_fd,), start_new_session=True)
     os.close(read_fd)
     return engine, shm, dog, write_fd
 

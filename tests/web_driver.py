@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from audiostory_ensemble.serving.triton_server import free_port  # noqa: E402
+from audiostory_ensemble.serving.triton_server import free_port
 
 
 def browser():

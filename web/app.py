@@ -32,7 +32,7 @@ from audiostory_ensemble.model.config import (
     OUTPUT_SAMPLE_RATE,
 )
 from audiostory_ensemble.model.post import write_wav
-from audiostory_ensemble.serving.stitch import StoryAssembler
+from audiostory_ensemble.pipeline.stitch import StoryAssembler
 from client.api import AudioStoryClient, AudioStoryError
 
 MAX_CLIPS = 16          # clip players on the page (stories longer than this show the first 16)
@@ -110,7 +110,7 @@ def build(triton_url: str):
     workdir = Path(tempfile.mkdtemp(prefix="audiostory-web-"))
 
     def dub(video, subtitles, script_text, dialogue, music, overlap, audio_mode, mix_db, guidance, seed, steps):
-        from audiostory_ensemble.llm.script import ScriptError, parse_segments
+        from audiostory_ensemble.pipeline.script import ScriptError, parse_segments
         from client.dub import DubError, probe, render
         from client.subtitles import CueRules, SubtitleError, read_cues, script_from_cues
 

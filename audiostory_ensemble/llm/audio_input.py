@@ -70,6 +70,16 @@ class AudioEncoder:
         self.resampler.load_state_dict(state, strict=True)
         self.token_num = token_num
 
+    @classmethod
+    def of_converted(cls, converted) -> "AudioEncoder | None":
+        """The encoder of a converted checkpoint (``model.checkpoint.Converted``), or None for a
+        text-only one (the released text-to-audio weights carry no Whisper encoder)."""
+        from ..model import layout
+        if converted.config.audio_tokens <= 0:
+            return None
+        return cls(converted.root / layout.AUDIO_ENCODER_DIR, converted.root / layout.AUDIO_RESAMPLER_WEIGHTS,
+                   converted.config.audio_tokens)
+
     @property
     def max_frames(self) -> int:
         return 2 * self.config.max_source_positions

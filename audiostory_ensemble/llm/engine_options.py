@@ -72,7 +72,8 @@ class EngineOptions:
         sets itself (those have their own option, or are fixed by the engine's role)."""
         from dataclasses import fields as dataclass_fields
 
-        passed = {where: getattr(self, where) for where in ("engine_args", "generate_engine_args", "pooling_engine_args")}
+        passed = {where: getattr(self, where)
+                  for where in ("engine_args", "generate_engine_args", "pooling_engine_args")}
         for where, args in passed.items():
             if not isinstance(args, dict):
                 raise ValueError(f"engine option {where} must be an object of vLLM engine arguments")

@@ -68,8 +68,8 @@ class PlanTokens:
             if span is None and why:
                 self.dropped.append(f"{why} (cut by the token limit)")
         if self.clips == 0:
-            raise NoClipError("the LLM wrote no complete clip" + (f" ({'; '.join(self.dropped)})" if self.dropped else ""),
-                              text=self.decode(self.gen))
+            why = f" ({'; '.join(self.dropped)})" if self.dropped else ""
+            raise NoClipError("the LLM wrote no complete clip" + why, text=self.decode(self.gen))
 
     def _last_clip(self) -> tuple[ClipSpan | None, str]:
         g = max((i for i, t in enumerate(self.gen) if t == self.tok.gen_open), default=-1)

@@ -65,12 +65,12 @@ from ..model.grammar import (
     plan_grammar,
     plan_part,
 )
-from ..serving.processes import descendants, shm_mappings, unlink_unmapped_shm
-from . import script as script_mod
+from ..pipeline import script as script_mod
+from ..pipeline.script import ScriptClip
+from ..runtime.processes import descendants, shm_mappings, unlink_unmapped_shm
 from .audio_input import audio_block, continuation_instruction
 from .engine_options import EngineOptions
 from .plan_tokens import PlanTokens
-from .script import ScriptClip
 
 MAX_SUMMARIES = 256     # plan summaries kept (the newest); older ones are dropped
 # vLLM's structured-outputs backend for the plan grammar: llguidance reads Lark with tokens named by
@@ -96,7 +96,7 @@ class PlanRequest:
 
     @classmethod
     def from_params(cls, params, audio_rows: np.ndarray | None = None, **kw) -> "PlanRequest":
-        """From validated request params (``serving.request.RequestParams``): the instruction per mode."""
+        """From validated request params (``pipeline.request.RequestParams``): the instruction per mode."""
         script = script_mod.plan_clips(params.segments) if params.segments else None
         return cls(params.instruction, params.total_duration, params.seed, params.duration_policy,
                    temperature=params.plan_temperature, top_p=params.plan_top_p,
@@ -426,7 +426,7 @@ class Planner:
             done = True
         except (PlanError, PlannerError, asyncio.CancelledError):
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any engine failure becomes a PlannerError naming it
             raise PlannerError(f"LLM engine failure: {type(e).__name__}: {e}") from e
         finally:
             if not done:

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..serving.gates import TasksByKey
+from ..runtime.gates import TasksByKey
 
 
 class RemoteEngineError(RuntimeError):
@@ -141,8 +141,8 @@ POOLER_CONFIG = '{"task":"token_embed","tok_pooling_type":"ALL","use_activation"
 
 
 # What each tier server runs with besides its model, name, host and port: the embedded engines'
-# settings (plans from vLLM's generation config, seed 0, the plan grammar's backend; the pooling runner). The one source:
-# the Helm chart's vLLM Deployments read the same lists from SERVER_ARGS_FILE, which `make
+# settings (plans from vLLM's generation config, seed 0, the plan grammar's backend; the pooling
+# runner). The one source: the Helm chart's vLLM Deployments read the same lists from SERVER_ARGS_FILE, which `make
 # deploy-check` and the tests keep equal to these.
 SERVER_ARGS = {
     "generate": ["--generation-config=vllm", "--seed=0", f"--structured-outputs-config={GRAMMAR_BACKEND_CONFIG}"],

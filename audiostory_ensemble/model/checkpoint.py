@@ -70,14 +70,6 @@ class Converted:
             module.remove_weight_norm()
         return module.eval()
 
-    def audio_encoder(self):
-        """The Whisper encoder + resampler of audio continuation, or None for a text-only checkpoint."""
-        from ..llm.audio_input import AudioEncoder
-        if self.config.audio_tokens <= 0:
-            return None
-        return AudioEncoder(self.root / layout.AUDIO_ENCODER_DIR, self.root / layout.AUDIO_RESAMPLER_WEIGHTS,
-                            self.config.audio_tokens)
-
 
 def load_converted(model_or_path: str | Path) -> Converted:
     """``"tiny"``/``"full"`` (the default build location) or a converted folder."""

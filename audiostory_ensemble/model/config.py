@@ -29,6 +29,7 @@ MAX_DURATION_S = 30.0        # DurationEmbedder max_value; also the DiT window
 DEFAULT_TOTAL_DURATION_S = 50.0
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_SEED = 0
+MAX_SEED = 2**63 - 1          # seeds are int64, non-negative
 DEFAULT_NUM_STEPS = 50
 CROSSFADE_S = 3.0
 MAX_NEW_TOKENS = 1600

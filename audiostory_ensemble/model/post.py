@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import soxr
-import torch
 
 from .config import AUDIO_CHANNELS, CROSSFADE_S, OUTPUT_SAMPLE_RATE, VAE_SAMPLE_RATE, WAVE_SAMPLES
 
@@ -44,6 +43,12 @@ def trim(wave: np.ndarray, duration_s: float, sr: int = VAE_SAMPLE_RATE) -> np.n
     return wave[:, : int(duration_s * sr)]
 
 
+def clip_audio(wave: np.ndarray, render_s: float) -> np.ndarray:
+    """A decoded clip as the story hears it: the VAE's 44.1 kHz ``wave`` trimmed to the rendered
+    length, resampled to 32 kHz (the reference's per-clip post-processing, written once)."""
+    return resample(trim(wave, render_s), VAE_SAMPLE_RATE, OUTPUT_SAMPLE_RATE)
+
+
 def _resampled_length(n: int, orig_sr: int, target_sr: int) -> int:
     # librosa: n_samples = int(np.ceil(y.shape[axis] * ratio)), ratio = float(target_sr) / orig_sr
     return int(np.ceil(n * (float(target_sr) / orig_sr)))
@@ -72,10 +77,33 @@ def resample(wave: np.ndarray, orig_sr: int = VAE_SAMPLE_RATE,
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps, dtype=torch.float32)`` bit for bit, in numpy.
+
+    torch's CPU kernel computes ``step = (end - start) / (steps - 1)`` in float32 and element ``i``
+    as ``start + step * i`` below ``steps // 2`` and ``end - step * (steps - 1 - i)`` from there,
+    each with one rounding (a fused multiply-add). Both products are exact in float64 for any
+    length a crossfade has (below 2**29 samples), so float64 arithmetic rounded once to float32
+    gives the same values. The reference joins clips with torch's ramps; the client and the web
+    page stitch without torch (``tests/test_post.py`` holds this to torch across lengths).
+    """
+    if steps <= 0:
+        return np.zeros(0, np.float32)
+    if steps == 1:
+        return np.array([start], np.float32)
+    first, last = np.float32(start), np.float32(end)
+    step = np.float64((last - first) / np.float32(steps - 1))
+    i = np.arange(steps, dtype=np.float64)
+    half = steps // 2
+    out = np.empty(steps, np.float64)
+    out[:half] = np.float64(first) + step * i[:half]
+    out[half:] = np.float64(last) - step * (steps - 1 - i[half:])
+    return out.astype(np.float32)
+
+
 def _ramps(ts: int) -> tuple[np.ndarray, np.ndarray]:
-    # torch.linspace exactly as the reference (float32, both endpoints included).
-    return (torch.linspace(1, 0, ts, dtype=torch.float32).numpy(),
-            torch.linspace(0, 1, ts, dtype=torch.float32).numpy())
+    # The reference's torch.linspace ramps (float32, both endpoints included).
+    return linspace_f32(1, 0, ts), linspace_f32(0, 1, ts)
 
 
 def crossfade(clips: list[np.ndarray], sr: int = OUTPUT_SAMPLE_RATE,

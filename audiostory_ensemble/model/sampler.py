@@ -18,9 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import DEFAULT_NUM_STEPS, DEFAULT_SEED, LATENT_CHANNELS, LATENT_FRAMES
-
-MAX_SEED = 2**63 - 1
+from .config import DEFAULT_NUM_STEPS, DEFAULT_SEED, LATENT_CHANNELS, LATENT_FRAMES, MAX_SEED
 
 
 def flow_sigmas(num_steps: int = DEFAULT_NUM_STEPS) -> torch.Tensor:

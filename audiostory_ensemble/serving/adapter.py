@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import Callable
 
-from .request import Limits, RequestError
+from ..pipeline.request import Limits, RequestError
 
 
 class Parameters:
@@ -59,20 +59,20 @@ def send_error(pb_utils, sender, error: Exception | str, code=None) -> None:
 
 
 async def bls_output(pb_utils, model: str, inputs: list, output: str, timeout_s: float, attempts: int,
-                     on_retry: Callable[[int], None] | None = None):
+                     on_retry: Callable[[str, int], None] | None = None):
     """One BLS request for one output, as numpy. A request with no answer within ``timeout_s`` is
-    sent again (``on_retry(attempt)`` told first, attempts counted from 1), up to ``attempts``
+    sent again (``on_retry(model, attempt)`` told first, attempts counted from 1), up to ``attempts``
     times; an error answer, or silence every time, raises a ``RuntimeError`` naming the model.
 
     Only for models that are pure functions of their inputs (the VAE): re-sending must be safe. A
-    safety net behind :func:`loop.ensure_heartbeat`, which fixed the stalls the soak found."""
+    safety net behind :func:`runtime.loop.ensure_heartbeat`, which fixed the stalls the soak found."""
     for attempt in range(1, attempts + 1):
         request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=[output])
         try:
             result = await asyncio.wait_for(request.async_exec(), timeout_s)
         except asyncio.TimeoutError:
             if on_retry is not None and attempt < attempts:
-                on_retry(attempt)
+                on_retry(model, attempt)
             continue
         if result.has_error():
             raise RuntimeError(f"{model}: {result.error().message()}")

@@ -23,9 +23,11 @@ import uuid
 
 import numpy as np
 
-from ..names import CANCEL as CANCEL_INPUT  # control input of the targets: BYTES [1], the key
+from .. import names
 from ..names import CANCEL_TARGETS
-from ..names import STORY_KEY as STORY_KEY_INPUT  # optional input of `audiostory_stream`: a caller's key
+
+CANCEL_INPUT = names.CANCEL          # control input of the targets: BYTES [1], the key
+STORY_KEY_INPUT = names.STORY_KEY    # optional input of `audiostory_stream`: a caller's key
 
 BUSY = "server busy"              # how the front door's admission refusal begins (UNAVAILABLE)
 _KEY = re.compile(r"^[0-9a-f]{32}$")

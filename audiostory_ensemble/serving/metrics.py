@@ -15,6 +15,19 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 TTFC_DESCRIPTION = "From the request reaching the planner to its first clip leaving the pipeline"
 
 
+# dit_sampler's metrics (declared at zero when it starts).
+SAMPLER_COUNTERS = {"audiostory_clips_total": "Clips delivered",
+                    "audiostory_audio_seconds_total": "Seconds of story audio delivered",
+                    "audiostory_cancel_requests_total": "Control requests that cancelled a story",
+                    "audiostory_clips_cancelled_total": "Clips stopped by a cancel",
+                    "audiostory_steps_saved_total": "DiT steps not run because of a cancel",
+                    "audiostory_bls_retries_total": "BLS requests re-sent after no answer"}
+STEPS_AFTER_CANCEL = ("DiT steps a cancelled clip ran after the cancel reached the step scheduler "
+                      "(the one in flight, at most)", [0, 1, 2, 4, 8, 16, 64])
+SAMPLER_HISTOGRAMS = {"audiostory_time_to_first_clip_seconds": (TTFC_DESCRIPTION, TTFC_BUCKETS),
+                      "audiostory_steps_after_cancel": STEPS_AFTER_CANCEL}
+
+
 class StageMetrics:
     def __init__(self, pb_utils, model: str):
         self.pb = pb_utils
@@ -41,7 +54,8 @@ class StageMetrics:
         for name, (description, buckets) in (histograms or {}).items():
             self._metric(name, description, "HISTOGRAM", buckets)
 
-    def counter(self, name: str, description: str, value: float = 1.0) -> None:
+    def counter(self, name: str, description: str = "", value: float = 1.0) -> None:
+        """Adds ``value``; a counter declared with :meth:`declare` needs no description here."""
         self._metric(name, description, "COUNTER").increment(value)
 
     def gauge(self, name: str, description: str, value: float) -> None:
@@ -75,16 +89,25 @@ class StageMetrics:
             self._tracked[structure].set(size)
 
     # -- the stages' metrics --------------------------------------------------------------------
-    def clip_done(self, request_id: str, arrival: float, audio_seconds: float) -> None:
+    def clip_done(self, plan_id: str, arrival: float, audio_seconds: float) -> None:
         self.counter("audiostory_clips_total", "Clips delivered")
         self.counter("audiostory_audio_seconds_total", "Seconds of story audio delivered", audio_seconds)
-        if request_id not in self._seen_first:    # bounded: the newest 4096 ids
-            self._seen_first[request_id] = arrival
+        if plan_id not in self._seen_first:    # bounded: the newest 4096 ids
+            self._seen_first[plan_id] = arrival
             if len(self._seen_first) > 4096:
                 self._seen_first.popitem(last=False)
             self.observe("audiostory_time_to_first_clip_seconds", TTFC_DESCRIPTION, max(0.0, time.time() - arrival))
 
-    def plan_done(self, generated_tokens: int, clips: int) -> None:
+    def clip_stopped(self, steps_saved: int, steps_after_cancel: int | None) -> None:
+        """A clip stopped by a cancel: the steps it did not run and, if it reached the step
+        scheduler, how many ran after the cancel got there."""
+        self.counter("audiostory_clips_cancelled_total", SAMPLER_COUNTERS["audiostory_clips_cancelled_total"])
+        self.counter("audiostory_steps_saved_total", SAMPLER_COUNTERS["audiostory_steps_saved_total"], steps_saved)
+        if steps_after_cancel is not None:
+            self.observe("audiostory_steps_after_cancel", STEPS_AFTER_CANCEL[0], steps_after_cancel,
+                         STEPS_AFTER_CANCEL[1])
+
+    def plan_done(self, generated_tokens: int) -> None:
         self.counter("audiostory_planner_tokens_total", "Tokens in the plans (generated and forced)",
                      generated_tokens)
         self.counter("audiostory_plans_total", "Plans written")

@@ -5,8 +5,9 @@ conditioning, duration and guidance — from its first step to its last. Every i
 each row's sigma pair (clips sit at different timesteps), makes ONE engine call over rows
 ``0..B-1`` and advances every clip by one step. A clip that took its last step leaves with its
 latent and the last row moves into its slot, so the rows stay contiguous and no gather copy is
-needed. The conditioning is uploaded once per clip, and the latent stays in the engine's buffer
-(on the GPU, for a GPU engine) between steps.
+needed. The conditioning is loaded once per clip, and the latent stays in the engine's rows between
+steps: in host memory for the onnx and Triton engines (the Triton engine sends every row with each
+call), on the device for the torch engine.
 
 The loop runs on a thread of its own, next to the engine; asyncio callers hand it clips with
 :meth:`StepScheduler.render` and await the latent. Cancelling a clip (``Job.cancel``) takes it
@@ -97,6 +98,7 @@ class StepScheduler:
         self.stats = SchedulerStats()
         self._rows: list[Job] = []                  # row r of the engine holds _rows[r]
         self._pending: list[Job] = []
+        self._admitting: list[Job] = []             # taken from _pending, not yet in _rows
         self._wake = threading.Condition()
         self._closed = False
         self._sigma = np.zeros(engine.capacity, np.float32)
@@ -139,7 +141,7 @@ class StepScheduler:
         if not key:
             return 0
         with self._wake:
-            jobs = [j for j in self._rows + self._pending if j.key == key and not j.cancelled]
+            jobs = [j for j in self._rows + self._admitting + self._pending if j.key == key and not j.cancelled]
         for j in jobs:
             j.cancel()
         return len(jobs)
@@ -150,7 +152,7 @@ class StepScheduler:
 
     def tracked(self) -> dict[str, int]:
         """Clips in the engine's rows and clips waiting to join them."""
-        return {"scheduler_rows": len(self._rows), "scheduler_pending": len(self._pending)}
+        return {"scheduler_rows": len(self._rows), "scheduler_pending": len(self._pending) + len(self._admitting)}
 
     def close(self) -> None:
         with self._wake:
@@ -170,6 +172,8 @@ class StepScheduler:
                     break
                 admitted = self._pending[:engine.capacity - len(rows)]
                 del self._pending[:len(admitted)]
+                # Visible to cancel() while they load: a cancel now is seen before their first step.
+                self._admitting = admitted
             for job in admitted:
                 if job.cancelled:
                     job.done(None, None)
@@ -180,6 +184,8 @@ class StepScheduler:
                     job.done(None, e)
                     continue
                 rows.append(job)
+            with self._wake:
+                self._admitting = []
             for r in range(len(rows) - 1, -1, -1):
                 if rows[r].cancelled:
                     self._remove(r).done(None, None)
@@ -217,7 +223,7 @@ class StepScheduler:
             s.busy_s += busy
             if self.on_batch is not None:
                 self.on_batch(b, t1 - te, busy)
-        for job in rows + self._pending:      # closed: nobody will step these
+        for job in rows + self._admitting + self._pending:      # closed: nobody will step these
             job.done(None, RuntimeError("the step scheduler was closed"))
 
     def _remove(self, r: int) -> Job:
@@ -230,3 +236,29 @@ class StepScheduler:
             rows[r] = rows[last]
         rows.pop()
         return job
+
+
+def scheduler_from_parameters(pb_utils, params, args: dict, on_retry=None):
+    """``dit_sampler``'s scheduler over the engine its config names (``dit_engine``), and the
+    batch metrics it reports under ``dit_step`` when it runs the step itself (None otherwise: the
+    ``dit_step`` model reports its own). ``params``: the model's ``adapter.Parameters``."""
+    from .. import names
+    from .metrics import BatchMetrics, StageMetrics
+    from .placement import instance_gpu
+    from .step_engines import OnnxStepEngine, TritonStepEngine
+
+    kind = params.get("dit_engine", "onnx")
+    capacity, n = params.int("max_clips_in_flight", 32), params.int("num_tokens", 0)
+    batch_metrics = None
+    if kind == "onnx":
+        engine = OnnxStepEngine(params.require("onnx_path"), capacity, n, params.int("threads", 0), instance_gpu(args))
+        batch_metrics = BatchMetrics(StageMetrics(pb_utils, names.DIT_STEP), names.DIT_STEP)
+    elif kind == "triton":
+        engine = TritonStepEngine(pb_utils, params.get("step_model", names.DIT_STEP), capacity, n,
+                                  params.int("step_max_batch", 16), params.float("bls_timeout_s", 30.0),
+                                  params.int("bls_attempts", 4), on_retry)
+    else:
+        raise ValueError(f"{names.SAMPLER}: dit_engine must be onnx or triton, got {kind!r}")
+    on_batch = batch_metrics.add if batch_metrics else None
+    scheduler = StepScheduler(engine, on_batch, min_batch=params.int("min_batch", 1))
+    return scheduler, batch_metrics

@@ -3,8 +3,8 @@
 A ``StepEngine`` holds rows ``0..capacity-1`` of latents and their per-clip inputs (conditioning,
 duration, guidance) and steps rows ``0..B-1`` in place; the step scheduler (``scheduler.py``) decides
 which clip sits in which row. Engines differ only in where the rows live and what runs the step:
-``OnnxStepEngine`` (onnxruntime in this process; the cpu profile), ``TritonStepEngine`` (one BLS
-request per iteration to the ``dit_step`` model, e.g. a TensorRT plan; the gpu profile),
+``OnnxStepEngine`` (onnxruntime in this process; the cpu profile), ``TritonStepEngine`` (BLS
+requests to the ``dit_step`` model, ``max_batch`` rows each, e.g. a TensorRT plan; the gpu profile),
 ``TorchStepEngine`` (the PyTorch module on any device; the GPU check). Nothing here imports
 ``triton_python_backend_utils``: the Triton engine is handed ``pb_utils``.
 """
@@ -12,6 +12,8 @@ request per iteration to the ``dit_step`` model, e.g. a TensorRT plan; the gpu p
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable
 
 import numpy as np
 
@@ -83,25 +85,35 @@ class OnnxStepEngine(StepEngine):
 
 
 class TritonStepEngine(StepEngine):
-    """One BLS request per iteration (per ``max_batch`` rows) to a Triton ``dit_step`` model —
-    whatever its backend: the python/onnxruntime form, or a TensorRT plan on GPU hosts. Chunks of
-    one iteration are sent together so that several model instances can work on them."""
+    """One BLS request per ``max_batch`` rows of an iteration to a Triton ``dit_step`` model —
+    whatever its backend: the python/onnxruntime form, or a TensorRT plan on GPU hosts. The chunks
+    of one iteration are sent together so that several model instances can work on them.
+
+    A chunk unanswered within ``timeout_s`` is sent again (``on_retry(model, attempt)`` told
+    first), up to ``attempts`` sends: its rows travel with the request, so a second answer is the
+    same step. Only silence every time, or an error answer, fails the iteration (and so every clip
+    in it). An unanswered call keeps its pool thread until it returns; the pool holds a thread for
+    every send one iteration can make."""
 
     def __init__(self, pb_utils, model: str, capacity: int, num_tokens: int, max_batch: int,
-                 timeout_s: float = 30.0):
+                 timeout_s: float = 30.0, attempts: int = 1, on_retry: Callable[[str, int], None] | None = None):
         super().__init__(capacity, num_tokens)
         self.pb = pb_utils
         self.model = model
         self.max_batch = max(1, int(max_batch))
-        self.timeout_ms = int(timeout_s * 1000)
-        self.pool = ThreadPoolExecutor(max(1, -(-capacity // self.max_batch)), "dit-step-bls")
+        self.timeout_s = float(timeout_s)
+        self.timeout_us = int(self.timeout_s * 1_000_000)     # Triton's request timeout is in microseconds
+        self.attempts = max(1, int(attempts))
+        self.on_retry = on_retry
+        chunks = -(-capacity // self.max_batch)
+        self.pool = ThreadPoolExecutor(max(1, chunks * self.attempts), "dit-step-bls")
 
-    def _one(self, arrays: dict) -> np.ndarray:
+    def _call(self, arrays: dict) -> np.ndarray:
         pb = self.pb
         inputs = [pb.Tensor(name, np.ascontiguousarray(arrays[name] if arrays[name].ndim > 1
                                                         else arrays[name][:, None])) for name in DIT_INPUTS]
         request = pb.InferenceRequest(model_name=self.model, inputs=inputs, requested_output_names=[DIT_OUTPUT],
-                                      timeout=self.timeout_ms * 1000)
+                                      timeout=self.timeout_us)
         result = request.exec()
         if result.has_error():
             raise RuntimeError(f"{self.model}: {result.error().message()}")
@@ -111,9 +123,21 @@ class TritonStepEngine(StepEngine):
         arrays = dict(zip(DIT_INPUTS, (x, cond, duration, sigma, sigma_next, guidance)))
         rows = x.shape[0]
         chunks = [{k: v[a:a + self.max_batch] for k, v in arrays.items()} for a in range(0, rows, self.max_batch)]
-        if len(chunks) == 1:
-            return self._one(chunks[0])
-        return np.concatenate(list(self.pool.map(self._one, chunks)), axis=0)
+        sent = [self.pool.submit(self._call, c) for c in chunks]     # all at once, then collected in order
+        outs = []
+        for chunk, future in zip(chunks, sent):
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    outs.append(future.result(self.timeout_s))
+                    break
+                except FutureTimeout:
+                    if attempt == self.attempts:
+                        raise RuntimeError(f"{self.model}: no answer within {self.timeout_s:g} s, "
+                                           f"{self.attempts} attempts") from None
+                    if self.on_retry is not None:
+                        self.on_retry(self.model, attempt)
+                    future = self.pool.submit(self._call, chunk)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

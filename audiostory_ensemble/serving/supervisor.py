@@ -47,7 +47,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .processes import (
+from ..runtime.processes import (
     alive,
     children,
     cmdline,
@@ -57,7 +57,7 @@ from .processes import (
     start_time,
     unlink_unmapped_shm,
 )
-from .stages import FAILED, RESTARTING, UP, Board
+from ..runtime.stages import FAILED, RESTARTING, UP, Board
 
 log = logging.getLogger("audiostory.supervisor")
 
@@ -135,7 +135,8 @@ def family_of(pid: int) -> dict[int, int]:
 class Supervisor:
     """Watches ``server`` (a started :class:`TritonServer`), writing ``board``."""
 
-    def __init__(self, server, board: Board, policy: RestartPolicy | None = None, front_door: str = "audiostory_stream"):
+    def __init__(self, server, board: Board, policy: RestartPolicy | None = None,
+                 front_door: str = "audiostory_stream"):
         self.server = server
         self.board = board
         self.policy = policy or RestartPolicy()

@@ -37,7 +37,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from audiostory_ensemble.serving import stages
+from audiostory_ensemble.runtime import stages
 from audiostory_ensemble.serving.allocator import preload_env
 from audiostory_ensemble.serving.supervisor import RestartPolicy, Supervisor
 
@@ -213,9 +213,7 @@ class TritonServer:
     def _stop_process(self, timeout: float = 60.0) -> int | None:
         """SIGTERM the server's process group, SIGKILL what is left after ``timeout``; then remove
         the shared memory the tree had mapped that nobody maps any more (after a crash or a kill)."""
-        from .processes import unlink_unmapped_shm
-
-        from .processes import descendants, kill_and_wait, start_time
+        from ..runtime.processes import descendants, kill_and_wait, start_time, unlink_unmapped_shm
 
         self._note_shm()
         proc = self.process
@@ -246,7 +244,7 @@ class TritonServer:
     def _note_shm(self) -> None:
         """Record the server tree's processes and shared memory (the python backend's regions, the
         engines' queues): a server that crashed or was killed cannot remove them; :meth:`stop` does."""
-        from .processes import descendants, shm_mappings
+        from ..runtime.processes import descendants, shm_mappings
 
         if self.process is not None and self.process.poll() is None:
             tree = [self.process.pid, *descendants(self.process.pid)]

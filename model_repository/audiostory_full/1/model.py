@@ -11,11 +11,11 @@ import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.model.grammar import model_failed
+from audiostory_ensemble.pipeline.request import RequestError, parse_request
+from audiostory_ensemble.pipeline.stitch import StoryAssembler
+from audiostory_ensemble.runtime.stages import down_stage
 from audiostory_ensemble.serving import control
 from audiostory_ensemble.serving.adapter import Parameters, error_response
-from audiostory_ensemble.serving.request import RequestError, parse_request
-from audiostory_ensemble.serving.stages import down_stage
-from audiostory_ensemble.serving.stitch import StoryAssembler
 
 
 class TritonPythonModel:
@@ -55,7 +55,7 @@ class TritonPythonModel:
             audio = pb_utils.get_output_tensor_by_name(response, I.CLIP_AUDIO.name)
             if audio is None:  # the stream's final-flag response
                 continue
-            get = lambda name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()  # noqa: E731
+            get = lambda name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()
             story.add(int(get(I.CLIP_INDEX.name)[0]), get(I.CAPTION.name)[0].decode(), audio.as_numpy(),
                       float(get(I.CLIP_START_S.name)[0]), float(get(I.CLIP_DURATION_S.name)[0]),
                       bool(get(I.IS_LAST.name)[0]), get(I.CLIP_PLAN.name)[0])

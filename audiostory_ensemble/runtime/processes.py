@@ -163,7 +163,7 @@ def guard_children(parent_pid: int | None = None) -> subprocess.Popen | None:
     # The package's folder on the watchdog's path: a stub may import it from a path of its own.
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen([sys.executable, "-m", "audiostory_ensemble.serving.watchdog", str(read_fd), str(server),
+    proc = subprocess.Popen([sys.executable, "-m", "audiostory_ensemble.runtime.watchdog", str(read_fd), str(server),
                              ",".join(map(str, pids)), ",".join(engine_shm), ",".join(own_shm)], pass_fds=(read_fd,),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env, start_new_session=True)

@@ -157,3 +157,49 @@ class TasksByKey:
             else:
                 loop.call_soon_threadsafe(task.cancel)
         return len(tasks)
+
+
+class CancelScope:
+    """A stage's cancellation, one object: the story keys cancelled and the work running for each.
+
+    :meth:`cancel` remembers the key (a cancel can overtake its story's requests: work that
+    starts later under that key is refused by :meth:`track`) and cancels the asyncio tasks
+    tracked under it — on ``loop`` when the cancel comes from another thread (a stage whose work
+    runs on its own event loop), else directly. Whatever a task holds (a scheduler row, vLLM
+    requests) it gives back in its own ``CancelledError`` handler, so no stage keeps a second
+    list of what to stop. Both maps are bounded (:class:`CancelRegistry`; tasks leave with their
+    work). A Triton with request cancellation would call :meth:`cancel` from its callback.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, ttl: float = 600.0,
+                 clock: Callable[[], float] | None = None, max_keys: int = 65536):
+        self.loop = loop
+        self._keys = CancelRegistry(ttl, clock, max_keys)
+        self._tasks = TasksByKey()
+
+    def cancel(self, key: str) -> int:
+        """Cancels the story ``key`` here; returns how many tasks were running for it."""
+        if not key:
+            return 0
+        self._keys.cancel(key)
+        return self._tasks.cancel(key, self.loop)
+
+    def cancel_all(self) -> int:
+        """Cancels every task tracked (the stage is going down); keys are not remembered."""
+        return self._tasks.cancel_all(self.loop)
+
+    def cancelled(self, key: str) -> bool:
+        return key in self._keys
+
+    @contextlib.contextmanager
+    def track(self, key: str):
+        """The current task works for ``key`` until the block ends; raises ``CancelledError`` at
+        once when ``key`` is already cancelled. An empty key is tracked under "" and never
+        cancelled by key."""
+        if self.cancelled(key):
+            raise asyncio.CancelledError(f"story {key} was cancelled")
+        with self._tasks.track(key) as task:
+            yield task
+
+    def tracked(self) -> dict[str, int]:
+        return {"cancelled_keys": len(self._keys), "tasks_by_key": len(self._tasks)}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 
-
 _HEARTBEATS: dict[int, asyncio.Task] = {}
 
 

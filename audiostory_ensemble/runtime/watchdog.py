@@ -1,7 +1,7 @@
 """The orphan watchdog: kills a python stub's engine processes when the stub dies.
 
-Started by :func:`audiostory_ensemble.serving.processes.guard_children` as
-``python -m audiostory_ensemble.serving.watchdog FD SERVER PIDS ENGINE_SHM OWN_SHM`` in its own session. It
+Started by :func:`audiostory_ensemble.runtime.processes.guard_children` as
+``python -m audiostory_ensemble.runtime.watchdog FD SERVER PIDS ENGINE_SHM OWN_SHM`` in its own session. It
 blocks reading the pipe ``FD``, whose writing end only the stub holds: a byte ``q`` means a clean
 shutdown (the engines were stopped by their owner) and the watchdog exits; end of file means the
 stub died, for any reason including SIGKILL. It then sends SIGTERM and SIGKILL to ``PIDS`` (the

@@ -11,10 +11,9 @@ from typing import Callable
 import numpy as np
 
 from .. import interface as I
-from ..llm import script
-from ..model.config import DURATION_POLICIES, MAX_INPUT_AUDIO_S, MAX_PLAN_TEMPERATURE, MIN_INPUT_AUDIO_S
+from ..model.config import DURATION_POLICIES, MAX_INPUT_AUDIO_S, MAX_PLAN_TEMPERATURE, MAX_SEED, MIN_INPUT_AUDIO_S
 from ..model.grammar import control_token_in
-from ..model.sampler import MAX_SEED
+from . import script
 
 
 class RequestError(ValueError):
@@ -107,7 +106,8 @@ def parse_request(get: Callable[[str], np.ndarray | None], limits: Limits = Limi
     instruction_given = get(I.INSTRUCTION.name) is not None
     instruction = _scalar(get, I.INSTRUCTION, str)
     if len(instruction.encode("utf-8")) > limits.max_instruction_bytes:
-        raise RequestError(f"INSTRUCTION is {len(instruction.encode())} bytes; the limit is {limits.max_instruction_bytes}")
+        raise RequestError(f"INSTRUCTION is {len(instruction.encode())} bytes; "
+                           f"the limit is {limits.max_instruction_bytes}")
     if not (raw_segments or has_audio):
         if not instruction_given:
             raise RequestError("INSTRUCTION is required (unless SEGMENTS or INPUT_AUDIO is given)")

@@ -19,7 +19,7 @@ class ClipMeta:
     clip's caption can be joined to another clip's audio), so every step passes this through and
     the last step emits all public outputs together.
     """
-    request_id: str
+    plan_id: str               # the planner's id of the story's plan (its vLLM requests)
     index: int
     caption: str
     start_s: float
@@ -30,23 +30,23 @@ class ClipMeta:
     seed: int
     num_steps: int
     arrival: float = 0.0       # wall-clock time the request reached the planner (for metrics)
-    cancel_key: str = ""       # the request id the front door cancels the story by ("" = none)
+    story_key: str = ""        # the front door's story key, which a cancel names ("" = none)
     fade_in: bool = False      # script mode: crossfaded from the previous clip
     fade_out: bool = False     # script mode: crossfaded into the next clip (render_s has the tail)
     timeline_s: float = 0.0    # script mode: the story's length (clips placed by start); 0 = joined
     mode: str = "story"        # story | script | continuation (RequestParams.mode)
 
     @classmethod
-    def of_planned(cls, clip, params: RequestParams, request_id: str, arrival: float, cancel_key: str) -> "ClipMeta":
+    def of_planned(cls, clip, params: RequestParams, plan_id: str, arrival: float, story_key: str) -> "ClipMeta":
         """The record of a clip the planner released (``planner.PlannedClip``), in every mode:
         in script mode the rendered length and the fades are the script clip's, and the story is
         placed on its timeline; otherwise every clip but the last renders the crossfade tail."""
         sc = clip.script
         fades = not clip.is_last
-        return cls(request_id, clip.index, clip.caption, clip.start_s,
+        return cls(plan_id, clip.index, clip.caption, clip.start_s,
                    clip.duration if sc else post.heard_seconds(clip.duration, fades_out=fades),
                    sc.render_s if sc else post.render_seconds(clip.duration, fades_out=fades),
-                   clip.is_last, params.guidance, params.seed, params.num_steps, arrival, cancel_key,
+                   clip.is_last, params.guidance, params.seed, params.num_steps, arrival, story_key,
                    fade_in=bool(sc and sc.fade_in), fade_out=bool(sc and sc.fade_out),
                    timeline_s=params.total_duration if sc else 0.0, mode=params.mode)
 
