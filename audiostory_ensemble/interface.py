@@ -19,6 +19,9 @@ from .model.config import (
     MAX_PLAN_TEMPERATURE,
     OUTPUT_SAMPLE_RATE,
 )
+from .names import ENSEMBLE as ENSEMBLE  # the models a client calls, re-exported (``names`` owns them)
+from .names import FULL_MODEL as FULL_MODEL
+from .names import STREAM_MODEL as STREAM_MODEL
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,9 @@ CAPTION = Tensor("CAPTION", "BYTES", (1,), "the clip's caption as the LLM wrote 
 CLIP_START_S = Tensor("CLIP_START_S", "FP32", (1,), "where the clip starts in the story, seconds")
 CLIP_DURATION_S = Tensor("CLIP_DURATION_S", "FP32", (1,), "the clip's duration in the story, seconds")
 IS_LAST = Tensor("IS_LAST", "BOOL", (1,), "true on the story's last clip")
-CLIP_PLAN = Tensor("PLAN", "BYTES", (1,), "JSON: the clip's plan entry (index, caption, start, duration, "
-                   "render, fade_in, fade_out, timeline, mode); how to place it in the story")
+CLIP_PLAN = Tensor("PLAN", "BYTES", (1,), "JSON: this clip's plan entry (index, caption, start, duration, "
+                   "render, fade_in, fade_out, timeline, mode); how to place it in the story. Not the "
+                   "`PLAN` of `audiostory_full`, which is the whole plan")
 CLIP_OUTPUTS = (CLIP_AUDIO, CLIP_INDEX, CAPTION, CLIP_START_S, CLIP_DURATION_S, IS_LAST, CLIP_PLAN)
 
 # ---- whole-story outputs (`audiostory_full`) ---------------------------------------------------
@@ -91,13 +95,11 @@ AUDIO = Tensor("AUDIO", "FP32", (2, -1), f"the crossfaded story, stereo, {OUTPUT
 CAPTIONS = Tensor("CAPTIONS", "BYTES", (-1,), "clip captions in story order")
 CLIP_STARTS_S = Tensor("CLIP_STARTS_S", "FP32", (-1,), "clip start times, seconds")
 CLIP_DURATIONS_S = Tensor("CLIP_DURATIONS_S", "FP32", (-1,), "clip durations, seconds")
-PLAN = Tensor("PLAN", "BYTES", (1,), "JSON: the mode, the story length and every clip's plan entry")
+PLAN = Tensor("PLAN", "BYTES", (1,), "JSON: the whole plan: the mode, the story length and every clip's plan "
+              "entry (a stream sends each clip's entry as that clip's `PLAN`)")
 FULL_OUTPUTS = (AUDIO, CAPTIONS, CLIP_STARTS_S, CLIP_DURATIONS_S, PLAN)
 
 SAMPLE_RATE = OUTPUT_SAMPLE_RATE
-ENSEMBLE = "audiostory"               # the streaming ensemble (perf runs; no admission, no cancel)
-STREAM_MODEL = "audiostory_stream"    # the streaming front door for clients (admission, cancel)
-FULL_MODEL = "audiostory_full"
 
 
 def markdown_tables() -> str:

@@ -1,11 +1,17 @@
-"""The one owner of the pipeline's internal names: its stages (the repository's model names) and the
-tensors that pass between them. The public request and response tensors are in ``interface``.
+"""The one owner of the pipeline's names: every model of the repository (the front doors a client
+calls and the stages behind them) and the tensors that pass between the stages. The public request
+and response tensors are in ``interface``, which re-exports the front doors' names.
 
 The repository templates are filled from :func:`template_fields` (``${t_sem}``, ``${stage_llm}``,
 ...), the python models read the same constants, so a name is written once.
 """
 
 from __future__ import annotations
+
+# The models a client calls.
+STREAM_MODEL = "audiostory_stream"    # the streaming front door (admission, cancel)
+FULL_MODEL = "audiostory_full"        # the whole story in one response (BLS over the front door)
+ENSEMBLE = "audiostory"               # the same steps as a Triton ensemble (perf runs; no admission, no cancel)
 
 # Stages: the models of the repository that the pipeline runs through.
 LLM = "llm"                   # the planner: vLLM generate + pooling; streams one plan entry per clip

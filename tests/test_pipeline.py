@@ -255,3 +255,16 @@ def test_how_a_story_ends_is_decided_once_what_the_client_hears_and_which_stages
     else:
         assert clients.failed == failed
     assert (clients.finished, clients.cancels, counted) == (finished, cancels, counters)
+
+
+def test_a_stream_past_the_thread_limit_fails_the_story_at_once_with_the_reason():
+    """Blocking streams run on a bounded set of threads; a clip whose stream finds none ends the
+    story with an error naming the limit (it used to wait, unanswered, for the story's timeout)."""
+    clients = FakeStages(clips=3, render_delay=0.2)
+    counted = []
+    runner = story.StoryRunner(clients, DaemonCalls(2, "story"), 30.0, 0.01, counted.append)
+    t0 = time.monotonic()
+    stop = asyncio.run(runner.run())
+    assert time.monotonic() - t0 < 5
+    assert stop.reason is story.Reason.ERROR
+    assert clients.failed == [("dit_sampler: story: 2 blocking calls running (limit 2)", story.Code.INTERNAL)]

@@ -54,28 +54,32 @@ def test_error_responses_carry_the_code_a_client_can_act_on():
     assert sent[0][0].error.code == "INVALID_ARG" and sent[0][1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
+class _Result:
+    """A BLS result that is its own error and its own output tensor: an error when its answer is
+    text, else the answer is the output."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def has_error(self):
+        return isinstance(self.answer, str)
+
+    def error(self):
+        return self
+
+    def message(self):
+        return "model instance failed"
+
+    def as_numpy(self):
+        return self.answer
+
+
 def _bls_fake(answers: list):
     """A python backend whose BLS requests take their answers, in order, from ``answers``:
     "silent" (no answer), "error", or an array (the output)."""
     import asyncio
 
     sent = []
-
-    class Result:                 # a result is its own error and its own output tensor
-        def __init__(self, answer):
-            self.answer = answer
-
-        def has_error(self):
-            return isinstance(self.answer, str)
-
-        def error(self):
-            return self
-
-        def message(self):
-            return "model instance failed"
-
-        def as_numpy(self):
-            return self.answer
 
     class Request:
         def __init__(self, model_name, inputs, requested_output_names):
@@ -85,7 +89,7 @@ def _bls_fake(answers: list):
         async def async_exec(self):
             if isinstance(self.answer, str) and self.answer == "silent":
                 await asyncio.sleep(3600)
-            return Result(self.answer)
+            return _Result(self.answer)
 
     class Pb(_FakeTriton):
         InferenceRequest = Request
@@ -139,22 +143,6 @@ def test_a_dit_step_chunk_with_no_answer_is_sent_again_and_an_error_fails_the_it
     def engine(answers, attempts=3, max_batch=2):
         sent, lock = [], threading.Lock()
 
-        class Result:
-            def __init__(self, out):
-                self.out = out
-
-            def has_error(self):
-                return self.out is None
-
-            def error(self):
-                return self
-
-            def message(self):
-                return "model instance failed"
-
-            def as_numpy(self):
-                return self.out
-
         class Request:
             def __init__(self, model_name, inputs, requested_output_names, timeout):
                 self.inputs = {t.name: t.array for t in inputs}
@@ -165,7 +153,7 @@ def test_a_dit_step_chunk_with_no_answer_is_sent_again_and_an_error_fails_the_it
             def exec(self):
                 if self.answer == "silent":
                     time.sleep(1.0)          # longer than the timeout: the engine stops waiting
-                return Result(None if self.answer == "error" else self.inputs["x"] + 1)
+                return _Result("error" if self.answer == "error" else self.inputs["x"] + 1)
 
         class Pb(_FakeTriton):
             InferenceRequest = Request

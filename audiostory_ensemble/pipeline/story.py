@@ -266,7 +266,14 @@ class StoryRunner:
             except Exception as e:  # noqa: BLE001 - the story ends with it, naming the stage
                 post(e if isinstance(e, StageError) else StageError(f"{type(e).__name__}: {e}"))
             post(None)
-        return self.calls.run(loop, run)
+        try:
+            return self.calls.run(loop, run)
+        except RuntimeError as e:       # too many streams open: this one fails, saying why
+            post(StageError(f"{self.clients.llm if tag == PLAN else self.clients.sampler}: {e}"))
+            post(None)
+            done = loop.create_future()
+            done.set_result(None)
+            return done
 
     async def _clip(self, loop, events: asyncio.Queue, entry, tag: str) -> None:
         """The clip's conditioning (bridge), then its stream (dit_sampler) under ``tag``."""

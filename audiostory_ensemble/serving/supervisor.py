@@ -47,6 +47,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import names
 from ..runtime.processes import (
     alive,
     children,
@@ -136,7 +137,7 @@ class Supervisor:
     """Watches ``server`` (a started :class:`TritonServer`), writing ``board``."""
 
     def __init__(self, server, board: Board, policy: RestartPolicy | None = None,
-                 front_door: str = "audiostory_stream"):
+                 front_door: str = names.STREAM_MODEL):
         self.server = server
         self.board = board
         self.policy = policy or RestartPolicy()

@@ -1,33 +1,22 @@
-"""audiostory_stream: the streaming front door — the pipeline run through BLS, with admission
-control and cancellation.
+"""audiostory_stream: the streaming front door. Tensors in and out; the story itself is
+``pipeline.story.StoryRunner``, handed the stages as BLS clients (``_Clients`` below).
 
-- Validates with the shared validator (INVALID_ARGUMENT naming the field).
-- Admission: at most `max_active_stories` stories at once per instance of this model; past it a
-  request fails at once with UNAVAILABLE (retry later) instead of queueing behind work it would
-  wait minutes for.
-- Runs the same steps as the `audiostory` ensemble — `llm` (streamed clips) → `bridge` →
-  `dit_sampler` (denoise, decode, the clip's public outputs) — itself, through BLS, and forwards
-  each clip as it lands; the stream ends with an empty final response. The story itself is
-  `pipeline.story.StoryRunner`; this file hands it the stages as BLS clients (`_Clients`). (Running the steps here
-  rather than calling the ensemble is what lets a cancel and a story key reach them: Triton 2.51
-  neither passes an ensemble's cancellation on nor lets a BLS caller cancel its request.)
-- Every story has a key, sent as the request id of its `llm` and `dit_sampler` requests. When the
-  client cancels or disconnects (checked every `poll_s`, also while waiting), the key goes to `llm`
-  and `dit_sampler` as a control request (`audiostory_ensemble.serving.control`): the plan is aborted in
-  vLLM and every clip stops before its next step.
-- An error from a stage ends the stream with that error and cancels the story's other clips; a
-  story unfinished after `story_timeout_s` is failed and cancelled the same way.
-- Faults (`audiostory_ensemble.runtime.stages`): while the stage board says a stage is down, new
-  stories are refused at once with UNAVAILABLE naming it; a story whose stream waits on a stage
-  that died (the board, read at every idle tick, or the stage's error) ends with UNAVAILABLE
-  naming the stage, and its streams to the dead stage are given up (their threads may never
-  return: counted, and past a bound this stage asks the supervisor for its own restart).
-  The first instance exports the board as `audiostory_stage_up` / `audiostory_stage_restarts_total`.
+- Validation (INVALID_ARGUMENT naming the field) and admission: at most `max_active_stories`
+  stories at once per instance of this model; past it UNAVAILABLE at once (retry later) instead
+  of queueing behind work it would wait minutes for. While the stage board says a stage is down,
+  new stories are refused the same way, naming it.
+- The steps of the `audiostory` ensemble (`llm` → `bridge` → `dit_sampler`) run here through BLS
+  because only here a cancel and a story key reach them: Triton 2.51 neither passes an
+  ensemble's cancellation on nor lets a BLS caller cancel its request. Every story has a key, the
+  request id of its `llm` and `dit_sampler` requests; a cancel goes to both as a control request
+  (`serving.control`). How a story ends (done, cancelled, a stage's error, `story_timeout_s`, a
+  stage that died under it) is decided in `pipeline.story`.
 - Every response is sent from a thread, never from the loop: a BLS caller that died (an
   `audiostory_full` instance) never takes its responses, and Triton's send then blocks for good
-  (seen: the whole front door froze on one such send). A send unfinished after 10 s
-  ends that story (its stages are told to stop) and is counted as stuck; past a bound (Triton's
-  python backend has 32 threads per instance for sends), this stage asks for its own restart.
+  (seen: the whole front door froze on one such send). A send unfinished after `send_timeout_s`
+  ends that story and counts as stuck; so do streams given up on a dead stage. Past a bound
+  (Triton's python backend has 32 threads per instance for sends), this stage asks the supervisor
+  for its own restart. The first instance exports the stage board as metrics.
 """
 import asyncio
 
@@ -61,11 +50,12 @@ class TritonPythonModel:
         self.limits = params.limits()
         self.name = args["model_name"]
         self.active = 0
-        # Blocking BLS stream iterators run on these threads: one per story (its plan) and one per
-        # clip being rendered, at most `clips_in_flight_per_request` of which stream at once, but a
-        # story may have opened a stream for every clip it planned: 8 per story covers the stories
-        # the tiny and full models plan, plus a margin for streams given up on a dead stage. Past
-        # half the limit of those, this stage asks for its own restart (the supervisor restarts it).
+        # Blocking BLS stream iterators run on daemon threads: a story holds one for its plan and
+        # one for every clip it planned until the clip is delivered (the clip's stream waits in
+        # dit_sampler's gates). 8 per story on average, shared: a 50 s story plans 2-6 clips, a long
+        # one more while others hold fewer. Past the limit a clip's stream fails with an error
+        # naming it; past half of it in streams given up on dead stages, this stage asks the
+        # supervisor for its own restart.
         self.calls = DaemonCalls(8 * self.limits.max_active_stories + 8, "story")
         self.sends = DaemonCalls(self.limits.max_active_stories + 8, "send")
         self.send_timeout_s = params.float("send_timeout_s", 10.0)
