@@ -135,8 +135,10 @@ class Design:
         from audiostory_ensemble.serving.triton_server import TritonServer
 
         server = TritonServer(repository, log_path=log)
-        # The stubs import the package through the first python3 on PATH: this design's.
+        # The stubs import the package through the first python3 on PATH: this design's; and from
+        # the server's working folder before that (sys.path[0]), so the server runs in this tree.
         server.env["PATH"] = str(self.python.parent) + os.pathsep + server.env["PATH"]
+        server.cwd = self.root
         return server
 
 

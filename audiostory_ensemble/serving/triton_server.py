@@ -119,6 +119,9 @@ class TritonServer:
         self.extra_args = list(extra_args or [])
         self.triton_home = Path(triton_home)
         self.env = server_env(self.triton_home, env)
+        # The server's working folder. The stubs' interpreter puts it first on sys.path, ahead of
+        # the venv: a package beside it wins (a benchmark serving another tree sets its own).
+        self.cwd: Path | None = None
         self.process: subprocess.Popen | None = None
         self._log_file = None
         self._tree: list[int] = []
@@ -206,6 +209,7 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            cwd=self.cwd,
         )
         self.wait_ready(timeout)
         self._note_shm()
