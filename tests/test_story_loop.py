@@ -348,3 +348,38 @@ def test_the_story_loop_stops_for_a_cancel_a_timeout_or_a_stage_error_with_the_s
     assert named.message == "dit_sampler: bad _META"                      # not named twice
     vllm = fresh().response(story.PLAN, story.ERROR, error="vllm refused the prompt")
     assert vllm.message == "llm: vllm refused the prompt"                 # "llm" inside a word is not the name
+
+
+def test_a_response_the_caller_never_takes_is_given_up_counted_and_reported():
+    """The front door sends from threads: a send that blocks (its caller died) is given up after the
+    timeout, counted as stuck while its thread lives, and reported; a taken one returns True."""
+    import asyncio
+    import threading
+
+    from audiostory_ensemble.serving.stage_clients import ThreadedSends
+
+    release, sent, stuck_calls = threading.Event(), [], []
+
+    class Sender:
+        def __init__(self, blocks):
+            self.blocks = blocks
+
+        def send(self, response=None, flags=0):
+            if self.blocks:
+                release.wait(10)
+            sent.append((response, flags))
+
+    sends = ThreadedSends(_FakeTriton, 4, 0.1, lambda: stuck_calls.append(1))
+
+    async def main():
+        return await sends.send(Sender(False), "clip"), await sends.send(Sender(True), "clip")
+    assert asyncio.run(main()) == (True, False)
+    assert sends.stuck == 1 and stuck_calls == [1] and sent == [("clip", 0)]
+    release.set()
+    for _ in range(100):
+        if sends.stuck == 0:
+            break
+        threading.Event().wait(0.01)
+    assert sends.stuck == 0                     # its thread returned: no longer stuck
+    err = asyncio.run(sends.error(Sender(False), "bad input", _FakeTriton.TritonError.INVALID_ARG))
+    assert err and sent[-1][0].error.code == "INVALID_ARG" and sent[-1][1] == 1

@@ -3,6 +3,8 @@ importable and testable anywhere (``pb_utils`` is passed in where it is needed):
 
 - ``adapter``: what every ``model.py`` does with the python backend: its config parameters, error
   responses, a BLS request re-sent after silence;
+- ``stage_clients``: the front door's stages as BLS clients (what ``pipeline.story.StoryRunner``
+  is handed) and its responses sent from threads;
 - ``placement``: which GPU a model instance runs on;
 - ``onnx_runner``: onnxruntime sessions;
 - ``scheduler``: the DiT step scheduler (continuous batching of clips over one engine), its engines

@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import names
 from ..names import CANCEL_TARGETS
+from ..pipeline.request import RequestError
 
 CANCEL_INPUT = names.CANCEL          # control input of the targets: BYTES [1], the key
 STORY_KEY_INPUT = names.STORY_KEY    # optional input of `audiostory_stream`: a caller's key
@@ -45,6 +46,17 @@ def read_key(arr) -> str:
     """The key in a BYTES [1] control tensor (as numpy), as text."""
     key = np.asarray(arr).reshape(-1)[0]
     return key.decode("utf-8", "replace") if isinstance(key, (bytes, np.bytes_)) else str(key)
+
+
+def story_key(tensor) -> str:
+    """The story key of a front-door request: the caller's ``_STORY_KEY`` tensor (32 lowercase hex
+    digits; ``audiostory_full`` passes one), or a fresh key when there is none (``tensor`` None)."""
+    if tensor is None:
+        return new_key()
+    key = read_key(tensor.as_numpy())
+    if not valid_key(key):
+        raise RequestError(f"{STORY_KEY_INPUT} must be 32 lowercase hex digits")
+    return key
 
 
 def _requests(pb_utils, key: str, targets=CANCEL_TARGETS):

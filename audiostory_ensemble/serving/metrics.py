@@ -28,6 +28,14 @@ SAMPLER_HISTOGRAMS = {"audiostory_time_to_first_clip_seconds": (TTFC_DESCRIPTION
                       "audiostory_steps_after_cancel": STEPS_AFTER_CANCEL}
 
 
+# The front door's counters, by the name the story runner reports an ending under.
+FRONT_DOOR_COUNTERS = {
+    "rejected": ("audiostory_requests_rejected_total", "Requests refused: server at capacity"),
+    "timed_out": ("audiostory_requests_timed_out_total", "Stories failed by the timeout"),
+    "cancelled": ("audiostory_requests_cancelled_total", "Stories cancelled by their client"),
+    "unavailable": ("audiostory_requests_unavailable_total", "Stories refused or ended because a stage was down")}
+
+
 class StageMetrics:
     def __init__(self, pb_utils, model: str):
         self.pb = pb_utils

@@ -1,0 +1,117 @@
+"""The front door's side of Triton: the story's stages as BLS clients (what
+``pipeline.story.StoryRunner`` is handed) and responses sent from threads. ``pb_utils`` is passed in.
+
+Why responses go from threads, never from the event loop: a BLS caller that died (an
+``audiostory_full`` instance) never takes its responses, and Triton's send then blocks for good
+(seen: the whole front door froze on one such send). A send unfinished after ``timeout_s`` is
+given up and its thread counted as stuck, so that the model can bound them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from .. import interface as I
+from .. import names
+from ..pipeline.story import CLIP, EMPTY, ENTRY, ERROR, Code, StageError
+from ..runtime.loop import DaemonCalls
+from . import control
+from .adapter import error_response
+
+PLAN_OUTPUTS = [names.SEM, names.RES, names.META]
+
+
+class ThreadedSends:
+    """A model's responses, each sent on a daemon thread (at most ``limit`` at once)."""
+
+    def __init__(self, pb_utils, limit: int, timeout_s: float, on_stuck: Callable[[], None] = lambda: None):
+        self.pb = pb_utils
+        self.calls = DaemonCalls(limit, "send")
+        self.timeout_s = timeout_s
+        self.on_stuck = on_stuck
+
+    @property
+    def stuck(self) -> int:
+        return self.calls.stuck
+
+    async def send(self, sender, response=None, flags: int = 0) -> bool:
+        """One response; False if it did not complete within ``timeout_s`` (its thread then counts
+        as stuck and ``on_stuck`` is told)."""
+        loop = asyncio.get_running_loop()
+        send = (lambda: sender.send(flags=flags)) if response is None else (lambda: sender.send(response, flags=flags))
+        try:
+            await asyncio.wait_for(self.calls.run(loop, send), self.timeout_s)
+            return True
+        except asyncio.TimeoutError:     # the future is cancelled: its thread counts as stuck
+            self.on_stuck()
+            return False
+
+    async def error(self, sender, message: str, code=None) -> bool:
+        """The request's error, with the final flag."""
+        return await self.send(sender, error_response(self.pb, message, code),
+                               self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+class BlsStageClients:
+    """One story's stages through BLS (``pipeline.story.StageClients``), and its client. The story
+    key goes with the ``llm`` and ``dit_sampler`` requests as their request id: a cancel names it."""
+
+    def __init__(self, pb_utils, stages: tuple[str, str, str], sender, inputs: list, key: str,
+                 sends: ThreadedSends, board, log: Callable[[str], None]):
+        self.pb = pb_utils
+        self.llm, self.bridge_model, self.sampler = stages
+        self.sender, self.inputs, self.key = sender, inputs, key
+        self.sends, self.board, self.log = sends, board, log
+
+    def _tensors(self, response, tensor_names) -> list:
+        pb = self.pb
+        return [pb.Tensor(n, pb.get_output_tensor_by_name(response, n).as_numpy()) for n in tensor_names]
+
+    def plan(self):
+        return self.pb.InferenceRequest(model_name=self.llm, inputs=self.inputs, request_id=self.key,
+                                        requested_output_names=PLAN_OUTPUTS).exec(decoupled=True)
+
+    async def bridge(self, entry):
+        result = await self.pb.InferenceRequest(model_name=self.bridge_model, inputs=self._tensors(entry, PLAN_OUTPUTS),
+                                                requested_output_names=[names.COND, names.META]).async_exec()
+        if result.has_error():
+            raise StageError(f"{self.bridge_model}: {result.error().message()}")
+        return self._tensors(result, (names.COND, names.META))
+
+    def render(self, cond):
+        return self.pb.InferenceRequest(model_name=self.sampler, inputs=cond, request_id=self.key,
+                                        requested_output_names=[t.name for t in I.CLIP_OUTPUTS]).exec(decoupled=True)
+
+    def kind(self, response):
+        if response.has_error():
+            return ERROR, response.error().message()
+        if self.pb.get_output_tensor_by_name(response, names.SEM) is not None:
+            return ENTRY, ""
+        if self.pb.get_output_tensor_by_name(response, I.CLIP_AUDIO.name) is not None:
+            return CLIP, ""
+        return EMPTY, ""
+
+    async def send(self, clip) -> bool:
+        return await self.sends.send(self.sender, self.pb.InferenceResponse(
+            self._tensors(clip, [t.name for t in I.CLIP_OUTPUTS])))
+
+    async def fail(self, message: str, code: Code) -> None:
+        codes = {Code.UNAVAILABLE: self.pb.TritonError.UNAVAILABLE, Code.UNKNOWN: self.pb.TritonError.UNKNOWN}
+        if code is Code.UNAVAILABLE:
+            self.log(message)
+        await self.sends.error(self.sender, message, codes.get(code))
+
+    async def finish(self) -> None:
+        await self.sends.send(self.sender, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    async def cancel(self, stages: list[str]) -> None:
+        errors = await control.cancel_story(self.pb, self.key, stages)
+        if errors:
+            self.log(f"cancel: {'; '.join(errors)}")
+
+    def cancelled(self) -> bool:
+        return self.sender.is_cancelled()
+
+    def stages(self):
+        return self.board.stages()
