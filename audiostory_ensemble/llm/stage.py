@@ -69,9 +69,9 @@ class PlanStage:
         if not planner.options.remote:
             threading.Thread(target=self._watch, args=(watch_s,), name="llm-engine-watch", daemon=True).start()
 
-    def cancel(self, key: str) -> int:
+    def cancel(self, story_key: str) -> int:
         """Cancels the story's plans here (a plan that has not started yet ends at once)."""
-        return self.scope.cancel(key)
+        return self.scope.cancel(story_key)
 
     def tracked(self) -> dict[str, int]:
         return {**self.scope.tracked(), **self.planner.tracked()}
@@ -91,14 +91,14 @@ class PlanStage:
         self.on_down(what)
         self.scope.cancel_all()
 
-    async def plan(self, key: str, params: RequestParams, arrival: float,
+    async def plan(self, story_key: str, params: RequestParams, arrival: float,
                    is_cancelled: Callable[[], bool] = lambda: False) -> AsyncIterator[PlanEntry]:
         """The story's plan, one entry per clip as the planner releases it (see the module's text
         for what it raises). ``is_cancelled`` is read before each entry is handed out."""
         if self.down:
             raise StageDown(names.LLM, self.down)
         request = None
-        with self.scope.track(key):
+        with self.scope.track(story_key):
             try:
                 rows = None
                 if params.input_audio is not None:
@@ -110,7 +110,7 @@ class PlanStage:
                     async for clip in clips:
                         if is_cancelled():
                             raise asyncio.CancelledError
-                        meta = ClipMeta.of_planned(clip, params, request.request_id, arrival, key)
+                        meta = ClipMeta.of_planned(clip, params, request.request_id, arrival, story_key)
                         yield PlanEntry(meta, clip.sem.astype(np.float32), clip.res.astype(np.float32))
             except asyncio.CancelledError:
                 # The planner's cleanup has aborted the vLLM requests by now.

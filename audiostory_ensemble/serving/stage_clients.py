@@ -57,11 +57,11 @@ class BlsStageClients:
     """One story's stages through BLS (``pipeline.story.StageClients``), and its client. The story
     key goes with the ``llm`` and ``dit_sampler`` requests as their request id: a cancel names it."""
 
-    def __init__(self, pb_utils, stages: tuple[str, str, str], sender, inputs: list, key: str,
+    def __init__(self, pb_utils, stages: tuple[str, str, str], sender, inputs: list, story_key: str,
                  sends: ThreadedSends, board, log: Callable[[str], None]):
         self.pb = pb_utils
         self.llm, self.bridge_model, self.sampler = stages
-        self.sender, self.inputs, self.key = sender, inputs, key
+        self.sender, self.inputs, self.story_key = sender, inputs, story_key
         self.sends, self.board, self.log = sends, board, log
 
     def _tensors(self, response, tensor_names) -> list:
@@ -69,7 +69,7 @@ class BlsStageClients:
         return [pb.Tensor(n, pb.get_output_tensor_by_name(response, n).as_numpy()) for n in tensor_names]
 
     def plan(self):
-        return self.pb.InferenceRequest(model_name=self.llm, inputs=self.inputs, request_id=self.key,
+        return self.pb.InferenceRequest(model_name=self.llm, inputs=self.inputs, request_id=self.story_key,
                                         requested_output_names=PLAN_OUTPUTS).exec(decoupled=True)
 
     async def bridge(self, entry):
@@ -80,7 +80,7 @@ class BlsStageClients:
         return self._tensors(result, (names.COND, names.META))
 
     def render(self, cond):
-        return self.pb.InferenceRequest(model_name=self.sampler, inputs=cond, request_id=self.key,
+        return self.pb.InferenceRequest(model_name=self.sampler, inputs=cond, request_id=self.story_key,
                                         requested_output_names=[t.name for t in I.CLIP_OUTPUTS]).exec(decoupled=True)
 
     def kind(self, response):
@@ -106,7 +106,7 @@ class BlsStageClients:
         await self.sends.send(self.sender, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     async def cancel(self, stages: list[str]) -> None:
-        errors = await control.cancel_story(self.pb, self.key, stages)
+        errors = await control.cancel_story(self.pb, self.story_key, stages)
         if errors:
             self.log(f"cancel: {'; '.join(errors)}")
 

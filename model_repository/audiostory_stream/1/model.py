@@ -70,7 +70,7 @@ class TritonPythonModel:
         inputs = {t.name: pb_utils.get_input_tensor_by_name(request, t.name) for t in I.REQUEST_INPUTS}
         try:
             parse_request(lambda n: None if inputs[n] is None else inputs[n].as_numpy(), self.limits)
-            key = control.story_key(pb_utils.get_input_tensor_by_name(request, control.STORY_KEY_INPUT))
+            story_key = control.story_key(pb_utils.get_input_tensor_by_name(request, control.STORY_KEY_INPUT))
         except RequestError as e:
             return await self.sends.error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
         down = self.board.down(n for n in self.board.stages() if n not in (self.name, I.FULL_MODEL))
@@ -86,9 +86,9 @@ class TritonPythonModel:
         self._set_active(self.active + 1)
         try:
             def log(message):
-                self.logger.log_warn(f"{self.name}: story {key}: {message}")
+                self.logger.log_warn(f"{self.name}: story {story_key}: {message}")
             clients = BlsStageClients(pb_utils, self.stages, sender, [t for t in inputs.values() if t is not None],
-                                      key, self.sends, self.board, log)
+                                      story_key, self.sends, self.board, log)
             await StoryRunner(clients, self.calls, self.limits.story_timeout_s, 0.05,
                               lambda counter: self.metrics.counter(*COUNTERS[counter]), log).run()
             self._check_stuck()

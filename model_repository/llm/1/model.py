@@ -79,10 +79,10 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             cancel = pb_utils.get_input_tensor_by_name(request, control.CANCEL_INPUT)
             if cancel is not None:
-                key = control.read_key(cancel.as_numpy())
-                plans = self.stage.cancel(key)
+                story_key = control.read_key(cancel.as_numpy())
+                plans = self.stage.cancel(story_key)
                 self.metrics.counter("audiostory_cancel_requests_total")
-                self.logger.log_info(f"{names.LLM}: cancel {key}: {plans} plan(s) in flight")
+                self.logger.log_info(f"{names.LLM}: cancel {story_key}: {plans} plan(s) in flight")
                 self.metrics.tracked(self.stage.tracked())
                 sender.send(flags=FINAL)
                 continue
@@ -102,10 +102,10 @@ class TritonPythonModel:
             self.logger.log_error(f"{names.LLM}: no stage board (the server was not started by the server helper): "
                                   "nothing will restart this stage")
 
-    async def _serve(self, key, params, sender, arrival):
+    async def _serve(self, story_key, params, sender, arrival):
         sent_final = False
         try:
-            async for entry in self.stage.plan(key, params, arrival, sender.is_cancelled):
+            async for entry in self.stage.plan(story_key, params, arrival, sender.is_cancelled):
                 sender.send(pb_utils.InferenceResponse([
                     pb_utils.Tensor(names.SEM, entry.sem), pb_utils.Tensor(names.RES, entry.res),
                     pb_utils.Tensor(names.META, entry.meta.encode())]), flags=FINAL if entry.is_last else 0)
@@ -116,7 +116,7 @@ class TritonPythonModel:
             code = (pb_utils.TritonError.UNAVAILABLE if isinstance(e, StageDown) else
                     pb_utils.TritonError.UNKNOWN if isinstance(e, PlanFailed) else None)
             text = f"; generated text: {e.text!r}" if isinstance(e, PlanFailed) else ""
-            self.logger.log_error(f"{names.LLM}: request {key}: {type(e).__name__}: {e}{text}")
+            self.logger.log_error(f"{names.LLM}: story {story_key}: {type(e).__name__}: {e}{text}")
             if isinstance(e, PlanFailed):     # the model's output, not the server: UNKNOWN
                 self.metrics.counter("audiostory_plans_unusable_total")
             if not sent_final:
