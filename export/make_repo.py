@@ -120,7 +120,7 @@ def graph_fields(onnx_dir: Path, tensorrt: bool) -> dict:
 
 DIT_ENGINES = {
     "onnx": "The step runs in this model: onnxruntime on the exported graph (no hop per step).",
-    "triton": "The step runs in dit_step: one BLS request per iteration for every clip in flight.",
+    "triton": "The step runs in dit_step: each iteration's rows in BLS requests of step_max_batch rows.",
 }
 
 

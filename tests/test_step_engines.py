@@ -1,4 +1,4 @@
-"""The step scheduler's other engine: one BLS request per iteration to the `dit_step` model (what
+"""The step scheduler's other engine: BLS requests to the `dit_step` model each iteration (what
 the gpu profile runs, with dit_step a TensorRT plan), here with dit_step's CPU form."""
 
 import numpy as np
