@@ -5,7 +5,8 @@ for each planned clip, the clip's (``bridge`` then ``dit_sampler``). :class:`Sto
 them through the stage clients it is handed (Triton's BLS in the model; fakes in the tests), turns
 every response, stream end and idle tick into an event for :class:`StoryLoop`, and does what the
 loop says (start a clip's stream, send a clip to the client, stop). The loop decides once why a
-story stopped; :meth:`Stop.ending` turns that into what the client is told and which counter moves.
+story stopped; :meth:`Action.ending` turns that into what the client is told and which counter
+moves.
 
 A stage that dies ends the stories that were waiting on it, as UNAVAILABLE naming the stage: the
 plan's stream waits on ``llm``, a clip's stream on ``dit_sampler`` (which calls the DiT step and
@@ -98,7 +99,7 @@ WAIT = Action(Do.WAIT)
 
 
 class StoryLoop:
-    """The story's state: open streams, clips started, why it stopped (once)."""
+    """The story's state: its open streams and the clips it started."""
 
     def __init__(self, llm: str, sampler: str, timeout_s: float, started_at: float,
                  stages: dict[str, Stage] | None = None):
@@ -108,7 +109,6 @@ class StoryLoop:
         self.plan_open = True          # the plan's stream
         self.clips_open = 0            # the clips' streams
         self.clips = 0
-        self.stopped: Action | None = None
         # The restart count of each stage the story's open streams wait on, as the oldest opened.
         self.restarts: dict[str, int] = {}
         self._baseline(llm, stages)
@@ -118,8 +118,7 @@ class StoryLoop:
             self.restarts[name] = stages[name].restarts
 
     def _stop(self, reason: Reason, message: str = "", stage: str = "") -> Action:
-        self.stopped = Action(Do.STOP, reason=reason, message=message, stage=stage)
-        return self.stopped
+        return Action(Do.STOP, reason=reason, message=message, stage=stage)
 
     def idle(self, now: float, cancelled: bool, stages: dict[str, Stage] | None = None) -> Action:
         """No event within the poll interval: a client that went away, a stage that died under an
@@ -187,6 +186,10 @@ class StageError(RuntimeError):
     """A stage's stream or call failed (the message names what failed)."""
 
 
+def _stage_error(e: Exception) -> StageError:
+    return e if isinstance(e, StageError) else StageError(f"{type(e).__name__}: {e}")
+
+
 class StoryRunner:
     """One story over its stage clients: plan → bridge → render for each clip, clips to the client
     as they land, then the ending :meth:`Action.ending` decides. ``calls`` runs the blocking
@@ -205,7 +208,7 @@ class StoryRunner:
         stop = await self._loop()
         end = stop.ending()
         c = self.clients
-        if end.message and not self.caller_gone:
+        if end.message:                 # never after the caller went: that stop is a cancel
             await c.fail(end.message, end.code)
         if end.counter:
             self.counted(end.counter)
@@ -264,7 +267,7 @@ class StoryRunner:
                 for response in open_stream():
                     post(response)
             except Exception as e:  # noqa: BLE001 - the story ends with it, naming the stage
-                post(e if isinstance(e, StageError) else StageError(f"{type(e).__name__}: {e}"))
+                post(_stage_error(e))
             post(None)
         try:
             return self.calls.run(loop, run)
@@ -280,7 +283,7 @@ class StoryRunner:
         try:
             cond = await self.clients.bridge(entry)
         except Exception as e:  # noqa: BLE001 - posted as the clip stream's error
-            events.put_nowait((tag, e if isinstance(e, StageError) else StageError(f"{type(e).__name__}: {e}")))
+            events.put_nowait((tag, _stage_error(e)))
             events.put_nowait((tag, None))
             return
         await self._stream(loop, events, tag, lambda: self.clients.render(cond))
