@@ -26,7 +26,10 @@ from typing import Callable
 
 import numpy as np
 
-from .step_engines import StepEngine
+from .. import names
+from .metrics import BatchMetrics, StageMetrics
+from .placement import instance_gpu
+from .step_engines import OnnxStepEngine, StepEngine, TritonStepEngine
 
 # ------------------------------------------------------------------------------------------------
 # The scheduler
@@ -242,11 +245,6 @@ def scheduler_from_parameters(pb_utils, params, args: dict, on_retry=None):
     """``dit_sampler``'s scheduler over the engine its config names (``dit_engine``), and the
     batch metrics it reports under ``dit_step`` when it runs the step itself (None otherwise: the
     ``dit_step`` model reports its own). ``params``: the model's ``adapter.Parameters``."""
-    from .. import names
-    from .metrics import BatchMetrics, StageMetrics
-    from .placement import instance_gpu
-    from .step_engines import OnnxStepEngine, TritonStepEngine
-
     kind = params.get("dit_engine", "onnx")
     capacity, n = params.int("max_clips_in_flight", 32), params.int("num_tokens", 0)
     batch_metrics = None
