@@ -14,7 +14,7 @@ import numpy as np
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.model.grammar import model_failed
 from audiostory_ensemble.pipeline.stitch import Clip, Story, StoryAssembler
-from audiostory_ensemble.runtime.stages import down_stage
+from audiostory_ensemble.runtime.stages import down_stage, over_capacity
 from audiostory_ensemble.serving.control import BUSY
 
 _HTTP_STATUS = {"400": "INVALID_ARGUMENT", "499": "CANCELLED", "500": "INTERNAL", "503": "UNAVAILABLE"}
@@ -25,7 +25,7 @@ class AudioStoryError(RuntimeError):
 
     ``status``: the gRPC status name (``UNAVAILABLE``, ``INVALID_ARGUMENT``, ...) where the transport
     carried one. Triton's streaming protocol carries only an error's message, so for a streamed
-    story the status is read from it: UNAVAILABLE when the server was busy or a stage was down,
+    story the status is read from it: UNAVAILABLE when the server was busy, over capacity or a stage was down,
     UNKNOWN when the model wrote no usable plan.
     ``retryable``: the same request may succeed later (UNAVAILABLE)."""
 
@@ -33,7 +33,7 @@ class AudioStoryError(RuntimeError):
         super().__init__(message)
         status = str(status).removeprefix("StatusCode.") if status else None
         status = _HTTP_STATUS.get(status, status)
-        if status in (None, "INTERNAL") and (message.startswith(BUSY) or down_stage(message)):
+        if status in (None, "INTERNAL") and (message.startswith(BUSY) or down_stage(message) or over_capacity(message)):
             status = "UNAVAILABLE"
         elif status in (None, "INTERNAL") and model_failed(message):
             status = "UNKNOWN"        # the model's plan failed, not the server (a stream carries no code)

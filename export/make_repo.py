@@ -44,11 +44,13 @@ _SHARED = {
     "dit_min_batch": 1, "dit_max_batch": 16, "dit_queue_delay_us": 0, "dit_instances": 1,
     "vae_max_batch": 4, "vae_instances": 1, "bridge_instances": 1, "stream_instances": 1,
     "max_clips_in_flight": 64, "limits": {}, "llm_gpus": [], "dit_gpus": [], "vae_gpus": [],
+    "vae_engine": "graph", "step_policy": "deadline", "deadline_lead_s": 0.3, "deadline_margin_s": 0.5,
+    "admit_backlog_s": 0,
 }
 PROFILES = {
     "cpu": {
         **_SHARED,
-        "dit_engine": "onnx", "dit_threads": 2, "vae_queue_delay_us": 2000, "vae_threads": 2,
+        "dit_engine": "onnx", "dit_threads": 2, "vae_queue_delay_us": 2000, "vae_threads": 2, "step_policy": "all",
         "full_instances": 4, "clips_in_flight_per_request": 1, "bls_timeout_s": 30,
         "full_max_queue": 16, "full_queue_timeout_s": 120,
         "engine_options": {"dtype": "float32", "max_model_len": 2048, "kv_cache_gib": 1, "enforce_eager": True},
@@ -56,7 +58,7 @@ PROFILES = {
     "gpu": {
         **_SHARED,
         "dit_engine": "triton", "dit_threads": 0, "vae_queue_delay_us": 1000, "vae_threads": 0,
-        "full_instances": 8, "clips_in_flight_per_request": 2, "bls_timeout_s": 10,
+        "full_instances": 8, "clips_in_flight_per_request": 2, "bls_timeout_s": 10, "stream_instances": 4,
         "full_max_queue": 64, "full_queue_timeout_s": 60,
         "engine_options": {"dtype": "bfloat16", "max_model_len": 4096, "generate_gpu_memory_utilization": 0.35,
                            "pooling_gpu_memory_utilization": 0.15, "enforce_eager": False},
@@ -121,7 +123,11 @@ def graph_fields(onnx_dir: Path, tensorrt: bool) -> dict:
 DIT_ENGINES = {
     "onnx": "The step runs in this model: onnxruntime on the exported graph (no hop per step).",
     "triton": "The step runs in dit_step: each iteration's rows in BLS requests of step_max_batch rows.",
+    "simulated": "The step is simulated: it sleeps an H100's measured time for its batch (benchmarks only).",
 }
+# vae_decoder: the profile's form of the exported graph, or the simulated H100 (benchmarks only).
+VAE_ENGINES = ("graph", "simulated")
+STEP_POLICIES = ("all", "deadline")
 
 
 def dit_engine_fields(settings: dict, onnx_dir: Path) -> dict:
@@ -135,8 +141,21 @@ def dit_engine_fields(settings: dict, onnx_dir: Path) -> dict:
     min_batch = settings["dit_min_batch"]
     if not (isinstance(min_batch, int) and 1 <= min_batch <= settings["max_clips_in_flight"]):
         raise SystemExit(f"make_repo: dit_min_batch must be an integer in [1, max_clips_in_flight], got {min_batch!r}")
+    if settings["step_policy"] not in STEP_POLICIES:
+        raise SystemExit(f"make_repo: step_policy must be one of {', '.join(STEP_POLICIES)}, "
+                         f"got {settings['step_policy']!r}")
+    if settings["vae_engine"] not in VAE_ENGINES:
+        raise SystemExit(f"make_repo: vae_engine must be one of {', '.join(VAE_ENGINES)}, "
+                         f"got {settings['vae_engine']!r}")
+    seconds = {}
+    for key in ("deadline_lead_s", "deadline_margin_s", "admit_backlog_s"):
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 600:
+            raise SystemExit(f"make_repo: {key} must be a number of seconds in [0, 600], got {value!r}")
+        seconds[key] = value
     return {"dit_engine": engine, "dit_engine_form": DIT_ENGINES[engine], "dit_min_batch": min_batch,
-            "dit_onnx_path": str(onnx) if engine == "onnx" else "", "dit_threads": settings["dit_threads"]}
+            "dit_onnx_path": str(onnx) if engine == "onnx" else "", "dit_threads": settings["dit_threads"],
+            "step_policy": settings["step_policy"], **seconds}
 
 
 def fields(profile: str, settings: dict, checkpoint: Path) -> dict:
@@ -177,6 +196,12 @@ def per_model_fields(name: str, profile: str, settings: dict, onnx_dir: Path) ->
     if name not in ("dit_step", "vae_decoder"):
         return {}
     short = "dit" if name == "dit_step" else "vae"
+    onnx = onnx_dir / f"{name}.onnx"
+    if name == "vae_decoder" and settings["vae_engine"] == "simulated":
+        return {"form": "Simulated H100: sleeps the measured decode time, answers silence (benchmarks only).",
+                "backend": 'backend: "python"',
+                "engine_parameters": (f'parameters {{ key: "onnx_path" value: {{ string_value: "{onnx}" }} }}\n'
+                                      'parameters { key: "simulate" value: { string_value: "h100" } }')}
     if profile == "gpu":
         plan = (settings.get("engines") or {}).get(name)
         if not plan:
@@ -184,7 +209,6 @@ def per_model_fields(name: str, profile: str, settings: dict, onnx_dir: Path) ->
                              f"(or set engines.{name} in --settings)")
         return {"form": "GPU form: TensorRT engine.", "backend": 'platform: "tensorrt_plan"',
                 "engine_parameters": f'default_model_filename: "{plan}"', "plan_file": plan}
-    onnx = onnx_dir / f"{name}.onnx"
     if not onnx.exists():
         raise SystemExit(f"make_repo: {onnx} not found: run `make export` first")
     threads = settings[f"{short}_threads"]
@@ -237,7 +261,7 @@ def make_repo(profile: str, model: str, out: Path, settings_path: Path | None = 
         values = {**common, **per_model_fields(name, profile, settings, onnx_dir)}
         (dst / "config.pbtxt").write_text(render((src / "config.pbtxt").read_text(), values, f"{name}/config.pbtxt"))
         if name in ("dit_step", "vae_decoder"):
-            if profile == "gpu":
+            if profile == "gpu" and "plan_file" in values:
                 shutil.copy(engines_dir / values["plan_file"], dst / "1" / values["plan_file"])
             else:
                 shutil.copy(ONNX_MODEL_PY, dst / "1" / "model.py")

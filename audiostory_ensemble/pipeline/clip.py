@@ -10,7 +10,15 @@ Gates, in order:
 - per story, at most ``clips_per_story`` clips denoise at once, in story order (the listener
   needs clip 0 first, and clips of other stories keep the batches full);
 - overall, at most ``max_clips`` clips denoise at once; a freed slot goes to the clip of the
-  oldest story (then the lowest index), so stories in progress finish before a newer one starts.
+  oldest story (then the lowest index), so stories in progress finish before a newer one starts —
+  or, under the scheduler's ``deadline`` policy, to the clip the listener needs first.
+
+Deadlines (``playback.PlaybackClock``): each clip is handed to the scheduler with the time its
+listener needs it, less ``lead_s`` for the decode after it; when a story's first clip is delivered
+(or a late clip moves its playback back) the story's clips still denoising get their new deadlines.
+Admission (``admit_backlog_s`` > 0): a story's first clip is refused (``OverCapacity``) while the
+rows already at risk of missing their deadlines hold more than that many seconds of engine work:
+a story admitted then would stall, and make the ones in progress stall.
 
 Cancellation: the caller cancels the task running :meth:`ClipRenderer.render` (the stage's
 ``CancelScope`` does, by story key), or ``is_cancelled()`` turns true (a direct caller's cancel,
@@ -21,6 +29,7 @@ result is a :class:`Stopped`; a clip cancelled while it decodes is stopped too.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -29,6 +38,8 @@ import numpy as np
 from ..model import post
 from ..model.sampler import flow_sigmas, initial_noise
 from ..runtime.gates import PerKeyLimiter, PriorityGate
+from ..runtime.stages import OverCapacity
+from .playback import PlaybackClock
 from .records import ClipMeta
 
 Decode = Callable[[np.ndarray], Awaitable[np.ndarray]]     # latent [1, 645, 64] -> wave [1, 2, T] at 44.1 kHz
@@ -38,6 +49,7 @@ Decode = Callable[[np.ndarray], Awaitable[np.ndarray]]     # latent [1, 645, 64]
 class RenderedClip:
     meta: ClipMeta
     audio: np.ndarray        # [2, T] float32 at 32 kHz
+    silence_s: float = 0.0   # how late it was delivered for its listener (a stall), 0 in time
 
 
 @dataclass(frozen=True)
@@ -55,9 +67,16 @@ class Stopped:
 
 class ClipRenderer:
     def __init__(self, scheduler, decode: Decode, clips_per_story: int = 1, max_clips: int = 32,
-                 poll_s: float = 0.25, max_seeds: int = 64):
+                 poll_s: float = 0.25, max_seeds: int = 64, lead_s: float = 0.3, admit_backlog_s: float = 0.0,
+                 stage: str = "dit_sampler"):
         self.scheduler = scheduler
         self.decode = decode
+        self.by_deadline = getattr(scheduler, "policy", "all") == "deadline"
+        self.clock = PlaybackClock()
+        self.lead_s = lead_s
+        self.admit_backlog_s = admit_backlog_s
+        self.stage = stage
+        self._in_flight: dict[str, dict] = {}     # plan id -> {job: meta} of its clips denoising
         self.limiter = PerKeyLimiter(clips_per_story)
         self.gate = PriorityGate(max_clips)
         self.poll_s = poll_s
@@ -80,15 +99,21 @@ class ClipRenderer:
 
     def tracked(self) -> dict[str, int]:
         return {"request_limiter": len(self.limiter), "noise_cache": len(self._noise),
-                "sigma_cache": len(self._sigmas), **self.scheduler.tracked()}
+                "sigma_cache": len(self._sigmas), "playback_clock": len(self.clock),
+                "deadline_stories": len(self._in_flight), **self.scheduler.tracked()}
 
     async def render(self, meta: ClipMeta, cond: np.ndarray,
                      is_cancelled: Callable[[], bool] = lambda: False) -> RenderedClip | Stopped:
         """The clip's audio, or :class:`Stopped`. Errors of the engine or the VAE are raised."""
         if is_cancelled():
             return Stopped(meta)
+        backlog = getattr(self.scheduler, "backlog_s", 0.0)
+        if meta.index == 0 and self.admit_backlog_s > 0 and backlog > self.admit_backlog_s:
+            raise OverCapacity(self.stage, f"{backlog:.1f} s of DiT steps are at risk of missing their deadlines "
+                                           f"(admit_backlog_s = {self.admit_backlog_s:g})")
+        priority = (self.clock.due(meta), meta.arrival, meta.index) if self.by_deadline else (meta.arrival, meta.index)
         try:
-            async with self.limiter.slot(meta.plan_id), self.gate.slot((meta.arrival, meta.index)):
+            async with self.limiter.slot(meta.plan_id), self.gate.slot(priority):
                 latent = await self._denoise(meta, cond, is_cancelled)
         except asyncio.CancelledError:
             return Stopped(meta)        # cancelled while waiting for a gate
@@ -99,11 +124,18 @@ class ClipRenderer:
         except asyncio.CancelledError:
             return Stopped(meta, meta.num_steps, 0)
         audio = await asyncio.to_thread(post.clip_audio, wave, meta.render_s)
-        return RenderedClip(meta, audio)
+        silence = self.clock.delivered(meta, time.time())
+        if meta.index == 0 or silence > 0:          # the story's playback (re)started: new deadlines
+            for job, m in self._in_flight.get(meta.plan_id, {}).items():
+                job.deadline = self.clock.due(m) - self.lead_s
+        return RenderedClip(meta, audio, silence)
 
     async def _denoise(self, meta: ClipMeta, cond: np.ndarray, is_cancelled) -> np.ndarray | Stopped:
         job, fut = self.scheduler.render(self.noise(meta.seed), cond, meta.render_s, meta.guidance,
-                                         self.sigmas(meta.num_steps), meta.story_key)
+                                         self.sigmas(meta.num_steps), meta.story_key,
+                                         self.clock.due(meta) - self.lead_s)
+        clips = self._in_flight.setdefault(meta.plan_id, {})
+        clips[job] = meta
         try:
             while not fut.done():
                 await asyncio.wait({fut}, timeout=self.poll_s)
@@ -112,6 +144,10 @@ class ClipRenderer:
         except asyncio.CancelledError:
             job.cancel()                # out before its next step; wait for the scheduler to say so
             await asyncio.wait({fut})
+        finally:
+            clips.pop(job, None)
+            if not clips:
+                self._in_flight.pop(meta.plan_id, None)
         latent = fut.result()
         if latent is None or job.cancelled:
             return Stopped(meta, job.steps_done, job.steps_after_cancel)

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 from ..model.grammar import model_failed
 from ..runtime.loop import DaemonCalls
-from ..runtime.stages import Stage, StageDown, down_stage
+from ..runtime.stages import Stage, StageDown, down_stage, over_capacity
 
 PLAN = "plan"          # the tag of the plan's stream; clip streams are tagged "clip<k>"
 
@@ -52,6 +52,7 @@ class Reason(str, Enum):
     TIMEOUT = "timeout"
     ERROR = "error"
     UNAVAILABLE = "unavailable"    # a stage is down
+    OVERLOADED = "overloaded"      # a stage refused the story: it could not play it without stalling
 
 
 class Code(str, Enum):
@@ -70,7 +71,7 @@ class Ending:
     code: Code | None = None
     cancel: bool = False
     final_response: bool = True
-    counter: str = ""              # "cancelled" | "timed_out" | "unavailable" | ""
+    counter: str = ""              # "cancelled" | "timed_out" | "unavailable" | "overloaded" | ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class Action:
             return Ending(cancel=True, counter="cancelled")
         if r is Reason.UNAVAILABLE:
             return Ending(self.message, Code.UNAVAILABLE, cancel=True, final_response=False, counter="unavailable")
+        if r is Reason.OVERLOADED:
+            return Ending(self.message, Code.UNAVAILABLE, cancel=True, final_response=False, counter="overloaded")
         code = Code.UNKNOWN if model_failed(self.message) else Code.INTERNAL
         return Ending(self.message, code, cancel=True, final_response=False,
                       counter="timed_out" if r is Reason.TIMEOUT else "")
@@ -147,6 +150,8 @@ class StoryLoop:
         client (unless the client has gone), an error stops the story with the stage named
         (UNAVAILABLE when the error says a stage is down). ``stages``: the board, when it is read."""
         if kind == ERROR:
+            if over_capacity(error):       # refused, not down: the stage takes the story's cancel too
+                return self._stop(Reason.OVERLOADED, error)
             down = down_stage(error)
             if down is not None:
                 message = error if f"stage {down} is down" in error else str(StageDown(down, error, lost=True))

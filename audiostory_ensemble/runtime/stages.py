@@ -61,6 +61,24 @@ class StageDown(RuntimeError):
         super().__init__(text)
 
 
+class OverCapacity(RuntimeError):
+    """A stage refused a new story it could not serve without stalling the ones it has;
+    answered UNAVAILABLE (retry later), and no stage is down."""
+
+    def __init__(self, stage: str, detail: str):
+        self.stage, self.detail = stage, detail
+        super().__init__(f"stage {stage} is over capacity: {detail}; retry later")
+
+
+_OVER_CAPACITY = re.compile(r"stage (?P<model>[\w.-]+) is over capacity")
+
+
+def over_capacity(message: str) -> str | None:
+    """The stage a message says refused work for lack of capacity, or None."""
+    m = _OVER_CAPACITY.search(message or "")
+    return m.group("model") if m else None
+
+
 # Messages that say a stage is down: ours, and Triton's for a dead stub or a model being reloaded.
 _DOWN_PATTERNS = (
     re.compile(r"stage (?P<model>[\w.-]+) is down"),

@@ -21,7 +21,10 @@ SAMPLER_COUNTERS = {"audiostory_clips_total": "Clips delivered",
                     "audiostory_cancel_requests_total": "Control requests that cancelled a story",
                     "audiostory_clips_cancelled_total": "Clips stopped by a cancel",
                     "audiostory_steps_saved_total": "DiT steps not run because of a cancel",
-                    "audiostory_bls_retries_total": "BLS requests re-sent after no answer"}
+                    "audiostory_bls_retries_total": "BLS requests re-sent after no answer",
+                    "audiostory_clips_late_total": "Clips delivered after the listener needed them (a stall)",
+                    "audiostory_stall_seconds_total": "Seconds of silence late clips caused (at this stage)",
+                    "audiostory_stories_refused_total": "New stories refused: DiT work at risk over admit_backlog_s"}
 STEPS_AFTER_CANCEL = ("DiT steps a cancelled clip ran after the cancel reached the step scheduler "
                       "(the one in flight, at most)", [0, 1, 2, 4, 8, 16, 64])
 SAMPLER_HISTOGRAMS = {"audiostory_time_to_first_clip_seconds": (TTFC_DESCRIPTION, TTFC_BUCKETS),
@@ -33,7 +36,9 @@ FRONT_DOOR_COUNTERS = {
     "rejected": ("audiostory_requests_rejected_total", "Requests refused: server at capacity"),
     "timed_out": ("audiostory_requests_timed_out_total", "Stories failed by the timeout"),
     "cancelled": ("audiostory_requests_cancelled_total", "Stories cancelled by their client"),
-    "unavailable": ("audiostory_requests_unavailable_total", "Stories refused or ended because a stage was down")}
+    "unavailable": ("audiostory_requests_unavailable_total", "Stories refused or ended because a stage was down"),
+    "overloaded": ("audiostory_requests_overloaded_total",
+                   "Stories refused because the DiT could not play them without stalling the ones in progress")}
 
 
 class StageMetrics:

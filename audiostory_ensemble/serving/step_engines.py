@@ -52,6 +52,10 @@ class StepEngine:
         for buf in (self.x, self.cond, self.duration, self.guidance):
             buf[dst] = buf[src]
 
+    def swap(self, a: int, b: int) -> None:
+        for buf in (self.x, self.cond, self.duration, self.guidance):
+            buf[[a, b]] = buf[[b, a]]
+
     def latent(self, row: int) -> np.ndarray:
         return self.x[row].copy()
 
@@ -177,6 +181,11 @@ class TorchStepEngine(StepEngine):
     def move(self, src, dst):
         for buf in (self.x, self.cond, self.duration, self.guidance):
             buf[dst] = buf[src]
+
+    def swap(self, a, b):
+        idx, rev = self.torch.tensor([a, b], device=self.device), self.torch.tensor([b, a], device=self.device)
+        for buf in (self.x, self.cond, self.duration, self.guidance):
+            buf[idx] = buf[rev]
 
     def latent(self, row):
         return self.x[row].float().cpu().numpy()

@@ -4,8 +4,11 @@ every public output of the clip. Tensors in and out; the work is ``pipeline.clip
 The step engine is a repository setting (`dit_engine`): `onnx` runs the exported graph with
 onnxruntime in this process (the cpu profile: no hop per step); `triton` sends the rows of each
 iteration to the `dit_step` model through BLS, in chunks of `step_max_batch` (the gpu profile, where
-that model is a TensorRT plan). The VAE is called through BLS; a decode unanswered within
-`bls_timeout_s` is re-sent (`bls_attempts` in all), as is a step (the rows travel with each call).
+that model is a TensorRT plan); `simulated` sleeps an H100's measured step time (benchmarks).
+Which rows each iteration steps is `step_policy` (`all` | `deadline`: playback deadlines), and
+`admit_backlog_s` > 0 refuses a new story (UNAVAILABLE) the engine could not play without stalls.
+The VAE is called through BLS; a decode unanswered within `bls_timeout_s` is re-sent
+(`bls_attempts` in all), as is a step (the rows travel with each call).
 
 A request with `_CANCEL` = a story key (sent by the front door) cancels that story's clips here
 (`CancelScope`): each leaves the scheduler before its next step; clips of the story that arrive
@@ -23,7 +26,7 @@ from audiostory_ensemble.pipeline.clip import ClipRenderer, Stopped
 from audiostory_ensemble.pipeline.records import ClipMeta
 from audiostory_ensemble.runtime.gates import CancelScope
 from audiostory_ensemble.runtime.loop import ensure_heartbeat
-from audiostory_ensemble.runtime.stages import down_stage
+from audiostory_ensemble.runtime.stages import OverCapacity, down_stage
 from audiostory_ensemble.serving import control
 from audiostory_ensemble.serving.adapter import Parameters, bls_output, send_error
 from audiostory_ensemble.serving.metrics import SAMPLER_COUNTERS, SAMPLER_HISTOGRAMS, StageMetrics
@@ -42,7 +45,9 @@ class TritonPythonModel:
         self.metrics.declare(SAMPLER_COUNTERS, SAMPLER_HISTOGRAMS)
         self.scheduler, self.batch_metrics = scheduler_from_parameters(pb_utils, params, args, self._bls_retry)
         self.renderer = ClipRenderer(self.scheduler, self._decode, params.int("clips_in_flight_per_request", 1),
-                                     params.int("max_clips_in_flight", 32), params.float("poll_s", 0.25))
+                                     params.int("max_clips_in_flight", 32), params.float("poll_s", 0.25),
+                                     lead_s=params.float("deadline_lead_s", 0.3),
+                                     admit_backlog_s=params.float("admit_backlog_s", 0.0), stage=names.SAMPLER)
         self.scope = CancelScope()
 
     async def execute(self, requests):
@@ -68,6 +73,9 @@ class TritonPythonModel:
                 result = await self.renderer.render(meta, cond_t.as_numpy(), sender.is_cancelled)
         except asyncio.CancelledError:          # the story was cancelled before this clip arrived
             result = Stopped(meta)
+        except OverCapacity as e:
+            self.metrics.counter("audiostory_stories_refused_total")
+            return send_error(pb_utils, sender, e, pb_utils.TritonError.UNAVAILABLE)
         except Exception as e:  # noqa: BLE001 - every failure is the clip's error response
             self.logger.log_error(f"{names.SAMPLER}: {type(e).__name__}: {e}")
             # A stage it calls (the VAE, the DiT step) died or is reloading: UNAVAILABLE, naming it.
@@ -85,6 +93,9 @@ class TritonPythonModel:
         sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(t.name, np.ascontiguousarray(v, dtype=t.numpy_dtype))
                                                 for t, v in outputs]), flags=FINAL)
         self.metrics.clip_done(meta.plan_id, meta.arrival, meta.duration_s)
+        if result.silence_s > 0:
+            self.metrics.counter("audiostory_clips_late_total")
+            self.metrics.counter("audiostory_stall_seconds_total", value=result.silence_s)
 
     async def _decode(self, latent):
         return await bls_output(pb_utils, self.vae_model, [pb_utils.Tensor(names.VAE_INPUT, latent)], names.VAE_OUTPUT,
