@@ -43,6 +43,7 @@ from audiostory_ensemble.serving.control import STORY_KEY_INPUT
 from benchmarks.loadgen import grpc_inputs, pct, workload
 
 STALL_S = 0.010           # a clip later than this is a stall (receive jitter below it is not)
+STORY_TIMEOUT_S = 300.0   # a story unfinished after this counts as an error (it never hangs the run)
 OUT = layout.BUILD / "bench"
 
 ENGINES = {   # repository overrides of the cpu profile, per engine
@@ -68,6 +69,17 @@ def playback(clips: list[tuple[int, float, float]], first_at: float) -> tuple[in
 
 
 async def one_story(client, item: dict) -> dict:
+    started = time.perf_counter()
+    try:
+        return await asyncio.wait_for(_story(client, item), STORY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        error = f"no final response within {STORY_TIMEOUT_S:g} s"
+    except Exception as e:  # noqa: BLE001 - the connection failed (a server restart): the story's error
+        error = f"{type(e).__name__}: {e}"
+    return {"key": "", "started": started, "ended": time.perf_counter(), "clips": 0, "refused": False, "error": error}
+
+
+async def _story(client, item: dict) -> dict:
     import tritonclient.grpc.aio as aio
 
     key = uuid.uuid4().hex          # the story key: the server's logs and traces name the story by it
@@ -177,27 +189,31 @@ def make_repository(engine: str, config: str) -> Path:
 def run_config(engine: str, config: str, args, capacity: list) -> list[dict]:
     from audiostory_ensemble.serving.triton_server import TritonServer
 
-    items = workload(64, num_steps=args.steps)
-    rows = []
     repo = make_repository(engine, config)
     with TritonServer(repo, log_path=OUT / f"deadlines_{config.replace('+', '_')}.log").start(timeout=900) as server:
-        asyncio.run(closed_loop(server.grpc_url, 2, 1, items, args.steps))          # warm-up
-        if config != "deadline+admit":
-            for level in args.levels:
-                r = asyncio.run(closed_loop(server.grpc_url, level, args.stories, items, args.steps))
-                brief = {k: v for k, v in r.items() if k != "first_stories"}
-                print(json.dumps({"config": config, **brief}), flush=True)
-                rows.append({"config": config, **r})
-                if config == "all" and level == max(args.levels):
-                    capacity.append(r["stories_per_s"])     # every story of the level, over its wall time
-        loads = args.loads if config != "deadline+admit" else [x for x in args.loads if x >= 1.0]
-        for load in loads:
-            if not capacity:
-                break
-            r = asyncio.run(open_loop(server.grpc_url, load * capacity[0], args.open_s, items, args.steps))
-            r["load"] = load
-            print(json.dumps({"config": config, **r}), flush=True)
+        # One event loop for the whole run: grpc's asyncio client is bound to the loop it first ran
+        # on (seen: a fifth asyncio.run's streams stopped reading and the server's sends timed out).
+        return asyncio.run(run_levels(server.grpc_url, config, args, capacity))
+
+
+async def run_levels(url: str, config: str, args, capacity: list) -> list[dict]:
+    items = workload(64, num_steps=args.steps)
+    rows = []
+    await closed_loop(url, 2, 1, items, args.steps)                      # warm-up
+    if config != "deadline+admit":
+        for level in args.levels:
+            r = await closed_loop(url, level, args.stories, items, args.steps)
+            brief = {k: v for k, v in r.items() if k not in ("first_stories", "per_story")}
+            print(json.dumps({"config": config, **brief}), flush=True)
             rows.append({"config": config, **r})
+            if config == "all" and level == max(args.levels):
+                capacity.append(r["stories_per_s"])     # every story of the level, over its wall time
+    loads = args.loads if config != "deadline+admit" else [x for x in args.loads if x >= 1.0]
+    for load in loads if capacity else []:
+        r = await open_loop(url, load * capacity[0], args.open_s, items, args.steps)
+        r["load"] = load
+        print(json.dumps({"config": config, **r}), flush=True)
+        rows.append({"config": config, **r})
     return rows
 
 
@@ -214,6 +230,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _terminate(*_):
+    """SIGTERM unwinds like Ctrl-C, so the server this run started is stopped; a second one (a
+    ``timeout`` signals the whole group) must not cut that stop short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(143)
+
+
 def main(argv=None) -> int:
     from benchmarks.bench_dit_step import commit, machine
 
@@ -222,22 +245,29 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--stories", type=int, default=3, help="stories per client in the closed loop")
-    ap.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8, 1.0, 1.2])
+    ap.add_argument("--loads", type=float, nargs="*", default=[0.5, 0.8, 1.0, 1.2],
+                    help="open-loop loads, fractions of the capacity (none: closed loop only)")
     ap.add_argument("--open-s", type=float, default=60.0, help="seconds of arrivals per open-loop load")
     ap.add_argument("--capacity", type=float, default=None, help="stories/s (default: measured, config all)")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--admit-backlog-s", type=float, default=CONFIGS["deadline+admit"]["admit_backlog_s"],
+                    help="the admission threshold of config deadline+admit")
+    ap.add_argument("--tag", default="", help="suffix of the report's file names")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    CONFIGS["deadline+admit"]["admit_backlog_s"] = args.admit_backlog_s
+    signal.signal(signal.SIGTERM, _terminate)
     OUT.mkdir(parents=True, exist_ok=True)
     capacity = [args.capacity] if args.capacity else []
     rows = []
     for config in args.configs:
         rows += run_config(args.engine, config, args, capacity)
-    report = {"engine": args.engine, "machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
+    report = {"engine": args.engine, "admit_backlog_s": args.admit_backlog_s, "machine": machine(), "commit": commit(),
+              "date": time.strftime("%Y-%m-%d"),
               "steps": args.steps, "capacity_stories_per_s": capacity[0] if capacity else float("nan"), "rows": rows}
-    (OUT / f"deadlines_{args.engine}.json").write_text(json.dumps(report, indent=2) + "\n")
+    name = f"deadlines_{args.engine}{args.tag}"
+    (OUT / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
-    (OUT / f"deadlines_{args.engine}.md").write_text(table + "\n")
+    (OUT / f"{name}.md").write_text(table + "\n")
     print(table)
     return 0
 

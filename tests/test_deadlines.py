@@ -364,3 +364,37 @@ def test_served_on_a_simulated_h100_stories_past_capacity_are_refused_unavailabl
     assert metric(simulated, "audiostory_stories_refused_total", "dit_sampler") >= len(refused)
     wait_for(lambda: metric(simulated, "audiostory_active_stories", "audiostory_stream") == 0,
              what="every story to end")
+
+
+def test_on_the_exported_graph_a_deadline_schedule_renders_each_clip_as_it_renders_alone(converted, exported):
+    """onnxruntime on the tiny DiT step: a late clip stepped ahead of two with time to spare (left
+    out of iterations, swapped between rows) still renders, bit for bit, what it renders alone
+    padded to two rows (``dit_min_batch: 2``)."""
+    import torch
+
+    from audiostory_ensemble.model.sampler import flow_sigmas, initial_noise
+    from audiostory_ensemble.serving.step_engines import OnnxStepEngine
+    from tests.test_scheduler import run_jobs
+
+    n = converted.config.num_t5_tokens
+    g = torch.Generator().manual_seed(5)
+    steps = {0: 9, 1: 6, 2: 7}
+    clips = {i: dict(x0=initial_noise(10 + i).numpy()[0], cond=(torch.randn(n, 1024, generator=g) * 0.1).numpy(),
+                     duration=[11.0, 4.5, 27.0][i], guidance=[3.0, 5.5, 1.5][i], sigmas=flow_sigmas(s).numpy())
+             for i, s in steps.items()}
+    sched = StepScheduler(OnnxStepEngine(exported / "dit_step.onnx", 4, n, threads=2), min_batch=2,
+                          policy="deadline", cost=CostCurve({1: 0.01, 4: 0.04}))
+    results = {}
+    try:
+        now = time.time()
+        sched.submit(*[Job(done=lambda latent, error, i=i: results.__setitem__(i, (latent, error)), key=f"k{i}",
+                           deadline=now + (-1.0 if i == 1 else 60.0), **c) for i, c in clips.items()])
+        t = time.time() + 120
+        while len(results) < 3 and time.time() < t:
+            time.sleep(0.01)
+    finally:
+        sched.close()
+    assert sched.stats.waiting_rows > 0, "every row was stepped every time: no schedule was tested"
+    for i, c in clips.items():
+        alone, _, _ = run_jobs(OnnxStepEngine(exported / "dit_step.onnx", 2, n, threads=2), {i: c}, min_batch=2)
+        assert results[i][1] is None and np.array_equal(results[i][0], alone[i][0]), f"clip {i}"

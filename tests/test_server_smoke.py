@@ -133,3 +133,34 @@ def test_the_container_entrypoint_execs_the_supervised_server_helper():
     kw, _ = triton_server.server_options(argv[4:])
     assert kw["triton_home"] == "/opt/tritonserver" and kw["address"] == "0.0.0.0" and kw["log_path"] == "-"
     assert kw["supervise"] is True and (kw["grpc_port"], kw["http_port"], kw["metrics_port"]) == (8001, 8000, 8002)
+
+
+def test_a_port_taken_between_picking_and_binding_is_picked_again(test_build_dir, monkeypatch):
+    """Ports are picked free, then bound by the server a moment later: another process (a vLLM
+    engine, another test's server) can take one in between. The start then fails with Triton's
+    "already in use" and is tried again on fresh ports, not failed."""
+    import socket
+
+    from audiostory_ensemble.serving import triton_server
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real, picks = triton_server.free_port, []
+
+    def pick(address):
+        port = taken.getsockname()[1] if not picks else real(address)
+        picks.append(port)
+        return port
+
+    monkeypatch.setattr(triton_server, "free_port", pick)
+    repo = test_build_dir / "port_race_repository"
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.copytree(FIXTURES / "stack_info", repo / "stack_info")
+    try:
+        with TritonServer(repo, log_path=test_build_dir / "port_race_server.log", supervise=False) as server:
+            assert server.http_port != taken.getsockname()[1] and server.is_ready()
+            assert len(picks) == 6                  # three, then three fresh ones
+        assert "already in use" in (test_build_dir / "port_race_server.log").read_text()
+    finally:
+        taken.close()

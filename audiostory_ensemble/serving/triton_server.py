@@ -111,6 +111,10 @@ class TritonServer:
         self.http_port = http_port or free_port(address)
         self.grpc_port = grpc_port or free_port(address)
         self.metrics_port = metrics_port or free_port(address)
+        # Ports picked here (free when picked): another process can take one before the server
+        # binds it; a start that fails so is tried again on fresh ones.
+        self._picked = [name for name, given in (("http_port", http_port), ("grpc_port", grpc_port),
+                                                 ("metrics_port", metrics_port)) if not given]
         self.load_models = load_models
         # "-": the server writes to this process's stdout (a container's log)
         self.log_path = (None if str(log_path) == "-" else Path(log_path)) if log_path else \
@@ -192,7 +196,16 @@ class TritonServer:
             self.board = stages.Board(Path(tempfile.mkdtemp(prefix="audiostory-stages-")) / "board.json")
             self.env[stages.ENV] = str(self.board.path)
         try:
-            self._start_process(timeout)
+            for attempt in range(1, 4):
+                try:
+                    self._start_process(timeout)
+                    break
+                except TritonServerError as e:
+                    if attempt == 3 or not self._picked or "already in use" not in str(e):
+                        raise
+                    self._stop_process()
+                    for name in self._picked:
+                        setattr(self, name, free_port(self.address))
             if self.supervise:
                 self.supervisor = Supervisor(self, self.board, self.restart_policy).start()
         except BaseException:
@@ -265,6 +278,7 @@ class TritonServer:
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self._note_shm()        # a server that dies while starting leaves its regions too
             code = self.process.poll()
             if code is not None:
                 raise TritonServerError(
