@@ -51,6 +51,38 @@ def test_a_curve_with_no_points_learns_the_engine_it_measures():
     assert 0.020 < curve(8) < 0.060
 
 
+def test_a_curve_learned_from_noisy_timings_never_falls_past_its_points_and_always_has_a_knee():
+    """Found in CI: timings where the larger batch came out faster (a noisy CPU) made the learned
+    line fall past its last point, to negative costs, and the knee search found nothing: the
+    step scheduler's thread died with StopIteration and every clip in flight hung."""
+    curve = CostCurve()
+    curve.observe(1, 0.050)
+    curve.observe(2, 0.030)                                                   # noise: 2 rows faster than 1
+    assert all(curve(b) >= curve(2) > 0 for b in range(2, 65))
+    assert 1 <= curve.knee(64) <= 64
+
+
+def test_the_step_loop_survives_a_failing_choice_and_steps_every_row(monkeypatch):
+    from audiostory_ensemble.serving import scheduler as scheduler_module
+
+    def broken(*a, **kw):
+        raise ValueError("a bug in the policy")
+    monkeypatch.setattr(scheduler_module, "choose_rows", broken)
+    sched = StepScheduler(FakeStep(4), policy="deadline", cost=H100)
+    results = {}
+    try:
+        for i in range(3):
+            sched.submit(Job(done=lambda latent, error, i=i: results.__setitem__(i, (latent, error)), key=f"k{i}",
+                             **clip(30 + i)))
+        t = time.time() + 20
+        while len(results) < 3 and time.time() < t:
+            time.sleep(0.01)
+    finally:
+        sched.close()
+    assert all(results[i][1] is None and np.array_equal(results[i][0], solo(clip(30 + i))) for i in range(3))
+    assert sched.stats.choice_errors > 0 and sched.thread.is_alive() is False     # closed, not crashed
+
+
 # ---- the deadline policy's choice ------------------------------------------------------------------
 
 NOW = 1000.0
@@ -398,3 +430,23 @@ def test_on_the_exported_graph_a_deadline_schedule_renders_each_clip_as_it_rende
     for i, c in clips.items():
         alone, _, _ = run_jobs(OnnxStepEngine(exported / "dit_step.onnx", 2, n, threads=2), {i: c}, min_batch=2)
         assert results[i][1] is None and np.array_equal(results[i][0], alone[i][0]), f"clip {i}"
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_an_engine_swaps_two_rows_whole(kind):
+    """The deadline policy brings its rows to the front by swapping: every per-row input moves."""
+    import torch
+
+    from audiostory_ensemble.serving.step_engines import StepEngine, TorchStepEngine
+
+    engine = StepEngine(3, 2) if kind == "numpy" else TorchStepEngine(torch.nn.Linear(1, 1), 3, 2, dtype=torch.float32)
+    rows = [clip(20 + r) for r in range(3)]
+    for r, c in enumerate(rows):
+        engine.load(r, c["x0"], c["cond"][:2], c["duration"], c["guidance"])
+    engine.swap(0, 2)
+    as_np = (lambda a: a) if kind == "numpy" else (lambda t: t.numpy())
+    for r, src in ((0, 2), (1, 1), (2, 0)):
+        assert np.array_equal(engine.latent(r), rows[src]["x0"])
+        assert np.array_equal(as_np(engine.cond[r]), rows[src]["cond"][:2])
+        assert float(engine.duration[r]) == pytest.approx(rows[src]["duration"])
+        assert float(engine.guidance[r]) == pytest.approx(rows[src]["guidance"])

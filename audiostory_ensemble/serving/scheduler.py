@@ -98,6 +98,7 @@ class SchedulerStats:
     engine_s: float = 0.0
     busy_s: float = 0.0          # iterations from gather to scatter, engine included
     waiting_rows: int = 0        # rows in flight that an iteration left out (deadline policy)
+    choice_errors: int = 0       # iterations that stepped every row because choosing failed
 
 
 POLICIES = ("all", "deadline")
@@ -170,7 +171,7 @@ class StepScheduler:
         self.margin_s = margin_s
         # What an iteration costs by its rows: the engine's own curve (the simulated one), else learned.
         self.cost = cost or getattr(engine, "cost", None) or CostCurve()
-        self._learn = not self.cost.known
+        self._learn = policy == "deadline" and not self.cost.known
         self._knee = self.cost.knee(engine.capacity) if self.cost.known else 1
         self.backlog_s = 0.0          # deadline policy: engine seconds of rows at risk (admission reads it)
         self.on_batch = on_batch
@@ -277,7 +278,7 @@ class StepScheduler:
                 self.backlog_s = 0.0
                 continue
             t0 = time.perf_counter()
-            b = len(rows) if self.policy == "all" else self._choose()
+            b = len(rows) if self.policy == "all" else self._choose_or_all()
             left_out = len(rows) - b
             for r in range(b):
                 job = rows[r]
@@ -312,11 +313,22 @@ class StepScheduler:
             if self._learn:
                 self.cost.observe(padded, t1 - te)
                 if s.iterations % 64 == 1:
-                    self._knee = self.cost.knee(self.engine.capacity)
+                    try:
+                        self._knee = self.cost.knee(self.engine.capacity)
+                    except Exception:  # noqa: BLE001 - keep the last knee; the loop must not die
+                        s.choice_errors += 1
             if self.on_batch is not None:
                 self.on_batch(b, t1 - te, busy)
         for job in rows + self._admitting + self._pending:      # closed: nobody will step these
             job.done(None, RuntimeError("the step scheduler was closed"))
+
+    def _choose_or_all(self) -> int:
+        """The deadline policy's rows; should choosing fail, every row (the loop must not die)."""
+        try:
+            return self._choose()
+        except Exception:  # noqa: BLE001 - a scheduling bug costs latency, never the clips
+            self.stats.choice_errors += 1
+            return len(self._rows)
 
     def _choose(self) -> int:
         """Deadline policy: bring this iteration's rows to the front; returns how many."""

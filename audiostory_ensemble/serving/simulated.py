@@ -30,8 +30,8 @@ H100_VAE_MS = {1: 50.4, 4: 178.0}
 
 class CostCurve:
     """Seconds of one call by its batch size: piecewise linear through the known points, the last
-    segment's slope beyond them (a batch of 64 costs twice 32's, less the fixed part), the first
-    point's per-row cost below them. ``observe`` folds in a measured call (a running average per
+    segment's slope beyond them (a batch of 64 costs twice 32's, less the fixed part; never a
+    falling one), the first point's per-row cost below them. ``observe`` folds in a measured call (a running average per
     size), so a curve can start empty and learn the engine it schedules."""
 
     def __init__(self, points_s: dict[int, float] | None = None, smoothing: float = 0.2):
@@ -66,8 +66,10 @@ class CostCurve:
             return p[sizes[0]] * batch / sizes[0]
         if len(sizes) == 1:
             return p[sizes[0]] * batch / sizes[0]
-        lo, hi = (sizes[-2], sizes[-1]) if batch > sizes[-1] else next(
-            (a, b) for a, b in zip(sizes, sizes[1:]) if a < batch < b)
+        if batch > sizes[-1]:       # never cheaper than the largest batch measured (noisy timings)
+            lo, hi = sizes[-2], sizes[-1]
+            return p[hi] + max(0.0, p[hi] - p[lo]) * (batch - hi) / (hi - lo)
+        lo, hi = next((a, b) for a, b in zip(sizes, sizes[1:]) if a < batch < b)
         return p[lo] + (p[hi] - p[lo]) * (batch - lo) / (hi - lo)
 
     def per_row(self, batch: int) -> float:
@@ -77,8 +79,9 @@ class CostCurve:
         """The smallest batch whose cost per row is within ``tolerance`` of the best up to
         ``capacity``: below it, stepping fewer rows wastes the engine; above it, a bigger batch
         buys little throughput and slows every clip in it."""
-        best = min(self.per_row(b) for b in range(1, capacity + 1))
-        return next(b for b in range(1, capacity + 1) if self.per_row(b) <= best * (1 + tolerance))
+        costs = [self.per_row(b) for b in range(1, capacity + 1)]
+        best = min(costs)
+        return next((b for b, c in enumerate(costs, 1) if c <= best * (1 + tolerance)), capacity)
 
 
 class SimulatedStepEngine(StepEngine):
