@@ -22,6 +22,7 @@ from .model.config import (
 from .names import ENSEMBLE as ENSEMBLE  # the models a client calls, re-exported (``names`` owns them)
 from .names import FULL_MODEL as FULL_MODEL
 from .names import STREAM_MODEL as STREAM_MODEL
+from .pipeline.encode import FORMATS, PCM
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,19 @@ PLAN_TEMPERATURE = Tensor("PLAN_TEMPERATURE", "FP32", (1,), "the plan's sampling
                           DEFAULT_PLAN_TEMPERATURE, True)
 PLAN_TOP_P = Tensor("PLAN_TOP_P", "FP32", (1,), "the plan's nucleus sampling, in (0, 1] (1 = off; only with "
                     "PLAN_TEMPERATURE above 0); refused in script mode", DEFAULT_PLAN_TOP_P, True)
+AUDIO_FORMAT = Tensor("AUDIO_FORMAT", "BYTES", (1,), f"how the audio comes back: {', '.join(FORMATS)}. pcm: the FP32 "
+                      "tensors; wav (32-bit float), flac (24-bit), opus (Ogg, 48 kHz), mp3: encoded files in the "
+                      "`*_ENCODED` outputs (the FP32 audio outputs are then empty)", PCM, True)
+AUDIO_QUALITY = Tensor("AUDIO_QUALITY", "FP32", (1,), "opus and mp3 only: the encoder's quality in [0, 1], 1 = best "
+                       "and largest (none: the codec's default, about 120 kb/s)", None, True)
 REQUEST_INPUTS = (INSTRUCTION, TOTAL_DURATION, GUIDANCE_SCALE, SEED, NUM_STEPS, DURATION_POLICY, SEGMENTS,
-                  INPUT_AUDIO, INPUT_SAMPLE_RATE, PLAN_TEMPERATURE, PLAN_TOP_P)
+                  INPUT_AUDIO, INPUT_SAMPLE_RATE, PLAN_TEMPERATURE, PLAN_TOP_P, AUDIO_FORMAT, AUDIO_QUALITY)
+ENCODING_INPUTS = (AUDIO_FORMAT, AUDIO_QUALITY)   # read by the front doors; the stages render PCM
+# `audiostory_stream` only (the ensemble cannot hold a story's state across clips)
+STORY_STREAM = Tensor("STORY_STREAM", "BOOL", (1,), "also stream the story itself, in order: responses without a "
+                      "clip carry the part of the crossfaded story that is final so far (`STORY_*` outputs)",
+                      False, True)
+STREAM_INPUTS = (STORY_STREAM,)
 
 # ---- streamed outputs: one response per clip (`audiostory`) -------------------------------------
 CLIP_AUDIO = Tensor("CLIP_AUDIO", "FP32", (2, -1), f"the clip, stereo, {OUTPUT_SAMPLE_RATE} Hz, "
@@ -88,7 +100,24 @@ IS_LAST = Tensor("IS_LAST", "BOOL", (1,), "true on the story's last clip")
 CLIP_PLAN = Tensor("PLAN", "BYTES", (1,), "JSON: this clip's plan entry (index, caption, start, duration, "
                    "render, fade_in, fade_out, timeline, mode); how to place it in the story. Not the "
                    "`PLAN` of `audiostory_full`, which is the whole plan")
-CLIP_OUTPUTS = (CLIP_AUDIO, CLIP_INDEX, CAPTION, CLIP_START_S, CLIP_DURATION_S, IS_LAST, CLIP_PLAN)
+CLIP_ENCODED = Tensor("CLIP_ENCODED", "BYTES", (1,), "the clip as one file in AUDIO_FORMAT (empty for pcm)")
+MIME_TYPE = Tensor("MIME_TYPE", "BYTES", (1,), "the encoded audio's media type, e.g. `audio/ogg; codecs=opus` "
+                   "(empty for pcm)")
+CLIP_OUTPUTS = (CLIP_AUDIO, CLIP_INDEX, CAPTION, CLIP_START_S, CLIP_DURATION_S, IS_LAST, CLIP_PLAN, CLIP_ENCODED,
+                MIME_TYPE)
+
+# ---- the ordered story (`audiostory_stream` with STORY_STREAM): responses without CLIP_AUDIO ---------
+STORY_AUDIO = Tensor("STORY_AUDIO", "FP32", (2, -1), "pcm: the next samples of the story, in order (the "
+                     "chunks joined are `audiostory_full`'s AUDIO); empty for encoded formats")
+STORY_ENCODED = Tensor("STORY_ENCODED", "BYTES", (1,), "encoded formats: the next bytes of one file holding the "
+                       "story (append them; a player can start at the first)")
+STORY_OFFSET = Tensor("STORY_OFFSET", "INT64", (1,), "where this chunk starts: samples (pcm) or bytes (encoded) "
+                      "sent before it")
+STORY_HEADER = Tensor("STORY_HEADER", "BYTES", (1,), "on the story's last chunk: the file's first bytes as they "
+                      "stand once its length is known (WAV, FLAC, MP3); a file writer writes them at offset 0, a "
+                      "player ignores them; empty otherwise")
+STORY_OUTPUTS = (STORY_AUDIO, STORY_ENCODED, STORY_OFFSET, STORY_HEADER, MIME_TYPE)
+STREAM_OUTPUTS = CLIP_OUTPUTS + tuple(t for t in STORY_OUTPUTS if t not in CLIP_OUTPUTS)   # audiostory_stream's
 
 # ---- whole-story outputs (`audiostory_full`) ---------------------------------------------------
 AUDIO = Tensor("AUDIO", "FP32", (2, -1), f"the crossfaded story, stereo, {OUTPUT_SAMPLE_RATE} Hz")
@@ -97,7 +126,8 @@ CLIP_STARTS_S = Tensor("CLIP_STARTS_S", "FP32", (-1,), "clip start times, second
 CLIP_DURATIONS_S = Tensor("CLIP_DURATIONS_S", "FP32", (-1,), "clip durations, seconds")
 PLAN = Tensor("PLAN", "BYTES", (1,), "JSON: the whole plan: the mode, the story length and every clip's plan "
               "entry (a stream sends each clip's entry as that clip's `PLAN`)")
-FULL_OUTPUTS = (AUDIO, CAPTIONS, CLIP_STARTS_S, CLIP_DURATIONS_S, PLAN)
+AUDIO_ENCODED = Tensor("AUDIO_ENCODED", "BYTES", (1,), "the story as one file in AUDIO_FORMAT (empty for pcm)")
+FULL_OUTPUTS = (AUDIO, CAPTIONS, CLIP_STARTS_S, CLIP_DURATIONS_S, PLAN, AUDIO_ENCODED, MIME_TYPE)
 
 SAMPLE_RATE = OUTPUT_SAMPLE_RATE
 
@@ -120,8 +150,13 @@ def markdown_tables() -> str:
     lines = ["Inputs (`audiostory_stream`, `audiostory` and `audiostory_full`):", "",
              "| name | type | shape | default | meaning |", "|---|---|---|---|---|",
              *rows(REQUEST_INPUTS, True), "",
+             "`audiostory_stream` also takes:", "",
+             "| name | type | shape | default | meaning |", "|---|---|---|---|---|",
+             *rows(STREAM_INPUTS, True), "",
              "Streamed outputs of `audiostory_stream` and `audiostory`, one response per clip:", "",
              "| name | type | shape | meaning |", "|---|---|---|---|", *rows(CLIP_OUTPUTS, False), "",
+             "With STORY_STREAM, `audiostory_stream` also sends the story in order, in responses of their own:", "",
+             "| name | type | shape | meaning |", "|---|---|---|---|", *rows(STORY_OUTPUTS, False), "",
              "Outputs of `audiostory_full`:", "",
              "| name | type | shape | meaning |", "|---|---|---|---|", *rows(FULL_OUTPUTS, False)]
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 Streams over gRPC (``audiostory_stream``), prints each clip as it lands, writes the stitched WAV
 (and each clip with ``--clips-dir``, the plan with ``--plan``); ``--http`` asks ``audiostory_full``.
+``--format flac|opus|mp3|wav`` has the server encode the story: the file is written as the ordered
+story streams in (playable while it grows) and its header completed at the end.
 ``--script segments.json`` dubs a timeline; ``--continue input.wav`` continues an audio
 (``--prepend-input`` puts the input before the continuation, crossfaded). Exits non-zero with the
 server's message on error.
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 from audiostory_ensemble.model.post import write_wav
+from audiostory_ensemble.pipeline.encode import FORMATS
 
 from .api import AudioStoryClient, AudioStoryError, generate_http, health_check
 
@@ -61,6 +64,11 @@ def cmd_generate(args) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.format not in (None, "pcm"):
+        return _generate_encoded(args, params, out, t0)
+    if args.quality is not None:
+        print("error: --quality applies to --format opus or mp3", file=sys.stderr)
+        return 2
     try:
         if args.http:
             story = generate_http(args.instruction, url=args.http_url, timeout=args.timeout, **params)
@@ -94,6 +102,49 @@ def cmd_generate(args) -> int:
         Path(args.plan).write_text(json.dumps(story.plan, indent=2) + "\n")
     seconds = audio.shape[1] / story.sample_rate
     print(f"wrote {out}: {len(story.clips)} clips, {seconds:.2f} s of audio in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _generate_encoded(args, params: dict, out: Path, t0: float) -> int:
+    """The story in the server's encoding: streamed into ``out`` (or whole, with ``--http``)."""
+    from audiostory_ensemble.pipeline.encode import CODECS
+
+    if args.prepend_input:
+        print("error: --prepend-input joins samples here; use it without --format (or --format pcm)", file=sys.stderr)
+        return 2
+    params = dict(params, audio_quality=args.quality)
+    suffix = CODECS[args.format].suffix
+    clips_dir = Path(args.clips_dir) if args.clips_dir else None
+    if clips_dir:
+        clips_dir.mkdir(parents=True, exist_ok=True)
+    printer = _print_clip(t0)
+
+    def on_clip(c):
+        printer(c)
+        if clips_dir:
+            (clips_dir / f"clip_{c.index:02d}{suffix}").write_bytes(c.encoded)
+    try:
+        if args.http:
+            story = generate_http(args.instruction, url=args.http_url, timeout=args.timeout,
+                                  audio_format=args.format, **params)
+            out.write_bytes(story.encoded)
+            clips, size, mime = story.clips, len(story.encoded), story.mime
+        else:
+            saved = AudioStoryClient(args.url).save(args.instruction, out, args.format, on_clip=on_clip,
+                                                    timeout=args.timeout, **params)
+            clips, size, mime = saved.clips, saved.size, saved.mime
+            print(f"first bytes of the story after {saved.first_chunk_s:.1f} s", flush=True)
+    except (AudioStoryError, TimeoutError, ConnectionError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - transport errors from tritonclient
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if args.plan:
+        end = max((c.start_s + c.duration_s for c in clips), default=0.0)
+        plan = {"clips": [c.plan for c in clips], "duration": clips[0].plan.get("timeline") or end} if clips else {}
+        Path(args.plan).write_text(json.dumps(plan, indent=2) + "\n")
+    print(f"wrote {out}: {len(clips)} clips, {size} bytes of {mime} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -172,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--prepend-input", action="store_true", help="with --continue: input + continuation in one WAV")
     g.add_argument("--plan", default=None, help="also write the plan (JSON) here")
     g.add_argument("-o", "--output", default="story.wav")
+    g.add_argument("--format", choices=list(FORMATS), default=None,
+                   help="have the server encode the story (default: pcm samples, written here as float WAV)")
+    g.add_argument("--quality", type=float, default=None, help="opus and mp3: the encoder's quality in [0, 1]")
     g.add_argument("--duration", type=float, default=None, help="total duration in seconds (server default 50)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (server default 4.0)")
     g.add_argument("--seed", type=int, default=None, help="seed (server default 0 = the reference)")

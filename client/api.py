@@ -7,6 +7,8 @@ import json
 import queue
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -48,18 +50,22 @@ def request_arrays(instruction: str | None, total_duration: float | None = None,
                    seed: int | None = None, num_steps: int | None = None,
                    duration_policy: str | None = None, segments=None, input_audio: np.ndarray | None = None,
                    input_sample_rate: int | None = None, plan_temperature: float | None = None,
-                   plan_top_p: float | None = None) -> dict[str, np.ndarray]:
+                   plan_top_p: float | None = None, audio_format: str | None = None,
+                   audio_quality: float | None = None, story_stream: bool | None = None) -> dict[str, np.ndarray]:
     """The request's input tensors; ``None`` leaves an optional input out (server default).
 
     ``segments``: script mode, a list of ``{"start", "end", "caption"}`` dicts (or their JSON text).
     ``input_audio``: continuation, ``[channels, samples]`` (or ``[samples]``) with ``input_sample_rate``.
     ``plan_temperature`` / ``plan_top_p``: a sampled plan (a take per ``seed``); left out, greedy.
+    ``audio_format`` (pcm, wav, flac, opus, mp3) and ``audio_quality``: how the audio comes back;
+    ``story_stream``: ``audiostory_stream`` also sends the story in order (:class:`StoryChunk`).
     """
     if segments is not None and not isinstance(segments, (str, bytes)):
         segments = json.dumps(list(segments))
     values = {I.INSTRUCTION: instruction, I.TOTAL_DURATION: total_duration, I.GUIDANCE_SCALE: guidance,
               I.SEED: seed, I.NUM_STEPS: num_steps, I.DURATION_POLICY: duration_policy, I.SEGMENTS: segments,
-              I.INPUT_SAMPLE_RATE: input_sample_rate, I.PLAN_TEMPERATURE: plan_temperature, I.PLAN_TOP_P: plan_top_p}
+              I.INPUT_SAMPLE_RATE: input_sample_rate, I.PLAN_TEMPERATURE: plan_temperature, I.PLAN_TOP_P: plan_top_p,
+              I.AUDIO_FORMAT: audio_format, I.AUDIO_QUALITY: audio_quality, I.STORY_STREAM: story_stream}
     out = {}
     if input_audio is not None:
         a = np.asarray(input_audio, dtype=np.float32)
@@ -74,12 +80,36 @@ def request_arrays(instruction: str | None, total_duration: float | None = None,
     return out
 
 
-def _clip_from(get) -> Clip:
-    plan = get(I.CLIP_PLAN.name)
-    return Clip(int(get(I.CLIP_INDEX.name)[0]), get(I.CAPTION.name)[0].decode("utf-8"),
-                get(I.CLIP_AUDIO.name), float(get(I.CLIP_START_S.name)[0]),
-                float(get(I.CLIP_DURATION_S.name)[0]), bool(get(I.IS_LAST.name)[0]),
-                json.loads(plan[0]) if plan is not None else {})
+def input_tensor(name: str) -> I.Tensor:
+    return next(t for t in I.REQUEST_INPUTS + I.STREAM_INPUTS if t.name == name)
+
+
+@dataclass
+class StoryChunk:
+    """The next piece of the story in order (``story_stream``): PCM samples, or the next bytes of
+    one encoded file. ``offset``: samples or bytes sent before it. ``header``, on the last chunk of
+    WAV, FLAC and MP3: the file's first bytes once its length is known (write them at offset 0)."""
+    audio: np.ndarray
+    data: bytes
+    offset: int
+    header: bytes
+    mime: str
+
+    @classmethod
+    def from_outputs(cls, get) -> "StoryChunk":
+        return cls(np.asarray(get(I.STORY_AUDIO.name), dtype=np.float32), bytes(get(I.STORY_ENCODED.name)[0]),
+                   int(get(I.STORY_OFFSET.name)[0]), bytes(get(I.STORY_HEADER.name)[0]),
+                   get(I.MIME_TYPE.name)[0].decode("utf-8"))
+
+
+@dataclass
+class SavedStory:
+    """An encoded story written by :meth:`AudioStoryClient.save`."""
+    path: Path
+    clips: list[Clip]
+    size: int                  # bytes in the file
+    mime: str
+    first_chunk_s: float       # seconds from the request to the story's first bytes
 
 
 class AudioStoryClient:
@@ -94,17 +124,24 @@ class AudioStoryClient:
 
     def stream(self, instruction: str | None, *, timeout: float = 600.0, **params) -> Iterator[Clip]:
         """Yields clips as they arrive (possibly out of order; ``Clip.index`` is authoritative)."""
+        for item in self.events(instruction, timeout=timeout, **params):
+            if isinstance(item, Clip):
+                yield item
+
+    def events(self, instruction: str | None, *, timeout: float = 600.0, **params) -> Iterator[Clip | StoryChunk]:
+        """Clips as they arrive and, with ``story_stream=True``, the story in order as
+        :class:`StoryChunk` items (from ``audiostory_stream``)."""
         g = self._grpc
         client = g.InferenceServerClient(self.url)
         responses: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         inputs = []
         for name, arr in request_arrays(instruction, **params).items():
-            t = next(t for t in I.REQUEST_INPUTS if t.name == name)
-            inp = g.InferInput(name, list(arr.shape), t.dtype)
+            inp = g.InferInput(name, list(arr.shape), input_tensor(name).dtype)
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
-        outputs = [g.InferRequestedOutput(t.name) for t in I.CLIP_OUTPUTS]
+        outputs = [g.InferRequestedOutput(t.name)
+                   for t in (I.STREAM_OUTPUTS if params.get("story_stream") else I.CLIP_OUTPUTS)]
         deadline = time.monotonic() + timeout
         finished = False        # the server ended the request (its final response, or an error)
         try:
@@ -137,7 +174,9 @@ class AudioStoryClient:
                                           error.status() if hasattr(error, "status") else None)
                 response = result.get_response()
                 if result.as_numpy(I.CLIP_AUDIO.name) is not None:
-                    yield _clip_from(result.as_numpy)
+                    yield Clip.from_outputs(result.as_numpy)
+                elif result.as_numpy(I.STORY_OFFSET.name) is not None:
+                    yield StoryChunk.from_outputs(result.as_numpy)
                 final = response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
                     finished = True
@@ -157,6 +196,38 @@ class AudioStoryClient:
             return story.finish()
         except ValueError as e:
             raise AudioStoryError(f"incomplete story: {e}") from None
+
+
+    def save(self, instruction: str | None, path, audio_format: str, *, on_clip=None, timeout: float = 600.0,
+             **params) -> SavedStory:
+        """The story encoded by the server as one file in ``audio_format``, written to ``path`` as
+        it streams (a player can open the file before it is finished); at the end its header is
+        completed (the length, for WAV, FLAC and MP3)."""
+        path = Path(path)
+        clips, size, mime, first = [], 0, "", None
+        t0 = time.monotonic()
+        with open(path, "wb") as f:
+            for item in self.events(instruction, timeout=timeout, audio_format=audio_format, story_stream=True,
+                                    **params):
+                if isinstance(item, Clip):
+                    clips.append(item)
+                    if on_clip is not None:
+                        on_clip(item)
+                    continue
+                if item.offset != size:
+                    raise AudioStoryError(f"story chunk at byte {item.offset}, expected {size}: a chunk was lost")
+                first = time.monotonic() - t0 if first is None else first
+                f.write(item.data)
+                f.flush()
+                size += len(item.data)
+                mime = item.mime
+                if item.header:
+                    f.seek(0)
+                    f.write(item.header)
+                    f.seek(0, 2)
+        if not size:
+            raise AudioStoryError("the story stream ended without audio")
+        return SavedStory(path, sorted(clips, key=lambda c: c.index), size, mime, first or 0.0)
 
 
 def close_stream(client, cancel: bool) -> None:
@@ -180,8 +251,7 @@ def generate_http(instruction: str | None, url: str = "127.0.0.1:8000", model: s
     client = httpclient.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
     inputs = []
     for name, arr in request_arrays(instruction, **params).items():
-        t = next(t for t in I.REQUEST_INPUTS if t.name == name)
-        inp = httpclient.InferInput(name, list(arr.shape), t.dtype)
+        inp = httpclient.InferInput(name, list(arr.shape), input_tensor(name).dtype)
         inp.set_data_from_numpy(arr, binary_data=True)
         inputs.append(inp)
     outputs = [httpclient.InferRequestedOutput(t.name, binary_data=True) for t in I.FULL_OUTPUTS]
@@ -199,7 +269,10 @@ def generate_http(instruction: str | None, url: str = "127.0.0.1:8000", model: s
     clips = [Clip(i, c, np.zeros((2, 0), np.float32), float(s), float(d), i == len(captions) - 1,
                   entries[i] if i < len(entries) else {})
              for i, (c, s, d) in enumerate(zip(captions, starts, durations))]
-    return Story(result.as_numpy(I.AUDIO.name), clips)
+    story = Story(result.as_numpy(I.AUDIO.name), clips)
+    story.encoded = bytes(result.as_numpy(I.AUDIO_ENCODED.name)[0])
+    story.mime = result.as_numpy(I.MIME_TYPE.name)[0].decode("utf-8")
+    return story
 
 
 HEALTH_INSTRUCTION = "a short test tone"

@@ -170,7 +170,9 @@ def fields(profile: str, settings: dict, checkpoint: Path) -> dict:
         "n": cfg.num_t5_tokens, "m": cfg.num_aud_tokens, "llm_hidden": cfg.llm.hidden_size,
         "checkpoint": str(checkpoint),
         "request_inputs": _tensor_lines(I.REQUEST_INPUTS),
-        "stream_inputs": _tensor_lines(I.REQUEST_INPUTS) + ",\n" + control_input_line(control.STORY_KEY_INPUT),
+        "stream_inputs": _tensor_lines(I.REQUEST_INPUTS + I.STREAM_INPUTS) + ",\n"
+                         + control_input_line(control.STORY_KEY_INPUT),
+        "stream_outputs": _tensor_lines(I.STREAM_OUTPUTS),
         "llm_inputs": _tensor_lines(I.REQUEST_INPUTS, optional=True) + ",\n" + control_input_line(),
         "clip_outputs": _tensor_lines(I.CLIP_OUTPUTS),
         "full_outputs": _tensor_lines(I.FULL_OUTPUTS),

@@ -16,9 +16,9 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble.model.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE
 from audiostory_ensemble.pipeline.request import parse_request
-from audiostory_ensemble.pipeline.stitch import StoryAssembler
+from audiostory_ensemble.pipeline.stitch import Clip, StoryAssembler
 from client.__main__ import _params, prepend_input
-from client.api import _clip_from, request_arrays
+from client.api import input_tensor, request_arrays
 
 REQUESTS = {
     "story": dict(instruction="rain on a tin roof – at night", total_duration=12.5, guidance=3.5, seed=7,
@@ -28,12 +28,13 @@ REQUESTS = {
     "continuation": dict(instruction="footsteps", total_duration=8.0,
                          input_audio=np.linspace(-0.5, 0.5, 2 * 16000, dtype=np.float32).reshape(2, -1),
                          input_sample_rate=16000),
+    "encoded": dict(instruction="a kettle whistles", audio_format="opus", audio_quality=0.25, story_stream=True),
 }
 
 
 def over_the_wire(name: str, arr: np.ndarray) -> np.ndarray:
     """What the server receives for an input: tritonclient's encoding, decoded as Triton does."""
-    dtype = next(t for t in I.REQUEST_INPUTS if t.name == name).dtype
+    dtype = input_tensor(name).dtype
     for lib in (grpcclient, httpclient):
         lib.InferInput(name, list(arr.shape), dtype).set_data_from_numpy(arr)   # refuses a dtype mismatch
     if dtype == "BYTES":
@@ -47,7 +48,7 @@ def test_request_tensors_cross_the_wire_and_validate_as_sent(kind):
     arrays = request_arrays(**REQUESTS[kind])
     received = {name: over_the_wire(name, arr) for name, arr in arrays.items()}
     for name, arr in arrays.items():
-        t = next(t for t in I.REQUEST_INPUTS if t.name == name)
+        t = input_tensor(name)
         assert arr.dtype == (np.object_ if t.dtype == "BYTES" else t.numpy_dtype), name
     sent, got = parse_request(arrays.get), parse_request(received.get)
     assert (got.mode, got.instruction, got.total_duration, got.seed, got.num_steps) == \
@@ -60,6 +61,11 @@ def test_request_tensors_cross_the_wire_and_validate_as_sent(kind):
             [(0.5, 4.0, "a dog barks"), (4.0, 9.25, "thunder, far away")]
     if kind == "continuation":
         np.testing.assert_array_equal(got.input_audio, REQUESTS[kind]["input_audio"])
+    if kind == "encoded":
+        assert (got.audio_format, got.audio_quality) == ("opus", 0.25)
+        assert received[I.STORY_STREAM.name].dtype == np.bool_ and bool(received[I.STORY_STREAM.name][0])
+    else:
+        assert (got.audio_format, got.audio_quality) == ("pcm", None)
 
 
 def server_outputs(index, caption, start, duration, is_last, samples):
@@ -79,7 +85,7 @@ def server_outputs(index, caption, start, duration, is_last, samples):
 def test_server_clips_become_python_values_and_a_story():
     story = StoryAssembler()
     for index, start, duration, last in ((1, 4.0, 5.5, True), (0, 0.0, 4.0, False)):   # out of order
-        clip = _clip_from(server_outputs(index, f"clip {index}", start, duration, last,
+        clip = Clip.from_outputs(server_outputs(index, f"clip {index}", start, duration, last,
                                          int((duration + (0 if last else CROSSFADE_S)) * OUTPUT_SAMPLE_RATE)).get)
         types = (type(clip.index), type(clip.start_s), type(clip.duration_s), type(clip.is_last))
         assert types == (int, float, float, bool)

@@ -297,6 +297,10 @@ BAD_REQUESTS = [  # (what, the field the error must name, overrides of a good re
     ("plan top-p above 1", "PLAN_TOP_P", dict(PLAN_TOP_P=_f32(1.01))),
     ("plan sampling in script mode", "PLAN_TEMPERATURE", dict(SEGMENTS=_seg((0, 5, "rain")),
                                                              PLAN_TEMPERATURE=_f32(0.7))),
+    ("unknown audio format", "AUDIO_FORMAT", dict(AUDIO_FORMAT=_txt(b"aac"))),
+    ("audio format not text", "AUDIO_FORMAT", dict(AUDIO_FORMAT=_f32(1))),
+    ("quality for a lossless format", "AUDIO_QUALITY", dict(AUDIO_FORMAT=_txt(b"flac"), AUDIO_QUALITY=_f32(0.5))),
+    ("quality above 1", "AUDIO_QUALITY", dict(AUDIO_FORMAT=_txt(b"opus"), AUDIO_QUALITY=_f32(1.5))),
     ("unknown input", "UNKNOWN_INPUT", dict(UNKNOWN_INPUT=_f32(1))),
     ("internal input", "_STORY_KEY", dict(_STORY_KEY=_txt(b"../../etc/passwd"))),
 ]
@@ -349,6 +353,103 @@ def _stream_error(server, model, arrays) -> str | None:
     finally:
         c.stop_stream()
         c.close()
+
+
+# ---- encoded audio and the story in order -----------------------------------------------------------
+
+def _ordered(client, caption, **params):
+    """One story through ``audiostory_stream`` with STORY_STREAM: its clips and its story chunks."""
+    from audiostory_ensemble.pipeline.stitch import Clip
+
+    events = list(client.events(caption, story_stream=True, **params))
+    clips = [e for e in events if isinstance(e, Clip)]
+    chunks = [e for e in events if not isinstance(e, Clip)]
+    return clips, chunks
+
+
+def test_the_story_streams_in_order_in_every_format_and_equals_the_whole_story(client, server, sample_instructions):
+    """pcm: the chunks joined are audiostory_full's AUDIO, sample for sample, clip by clip as the
+    story becomes final; wav and flac decode to it (flac: in 24 bits); opus and mp3 decode to
+    exactly what audiostory_full's file decodes to (the same encoder on the same samples), and mp3's
+    and flac's completed files are that file byte for byte. A duration as users type it."""
+    from audiostory_ensemble.pipeline.encode import CODECS, decode, patched
+
+    caption = sample_instructions[2][0]
+    params = dict(total_duration=23.7, num_steps=2, seed=3)
+    whole = generate_http(caption, url=server.http_url, **params)
+    clips, chunks = _ordered(client, caption, **params)
+    assert len(clips) == len(whole.clips) >= 2
+    assert [c.offset for c in chunks] == list(np.cumsum([0] + [c.audio.shape[1] for c in chunks[:-1]]))
+    assert len(chunks) >= 2, "the story starts before its last clip is in"
+    story = np.concatenate([c.audio for c in chunks], axis=1)
+    assert story.shape == whole.audio.shape and np.array_equal(story, whole.audio)
+    for fmt in ("wav", "flac", "opus", "mp3"):
+        full = generate_http(caption, url=server.http_url, audio_format=fmt, **params)
+        assert full.audio.shape == (2, 0) and full.mime == CODECS[fmt].mime
+        clips, chunks = _ordered(client, caption, audio_format=fmt, **params)
+        assert all(c.audio.shape == (2, 0) and c.mime == CODECS[fmt].mime and c.encoded for c in clips), fmt
+        data = b"".join(c.data for c in chunks)
+        assert [c.offset for c in chunks] == list(np.cumsum([0] + [len(c.data) for c in chunks[:-1]])), fmt
+        file = patched(data, chunks[-1].header)
+        decoded, rate = decode(file)
+        assert rate == CODECS[fmt].sample_rate and np.array_equal(decoded, decode(full.encoded)[0]), fmt
+        if fmt == "wav":
+            assert np.array_equal(decoded, whole.audio)
+        if fmt == "flac":
+            assert np.abs(decoded - np.clip(whole.audio, -1, 1)).max() <= 2.0 ** -23
+            assert file == full.encoded
+        if fmt == "mp3":
+            assert file == full.encoded and decoded.shape == whole.audio.shape
+        if fmt == "opus":
+            assert decoded.shape[1] == round(whole.audio.shape[1] * 48000 / 32000)
+
+
+@pytest.mark.parametrize("mode", ["script", "continuation"])
+def test_the_ordered_story_keeps_script_gaps_and_continuations(client, server, mode):
+    if mode == "script":
+        params = dict(instruction=None, segments=SCRIPT, num_steps=2)
+    else:
+        t = np.arange(3 * 22050) / 22050
+        params = dict(instruction="footsteps fade away", total_duration=11.5, num_steps=2, input_sample_rate=22050,
+                      input_audio=(0.2 * np.sin(2 * np.pi * 300 * t)).astype(np.float32))
+    instruction = params.pop("instruction")
+    whole = generate_http(instruction, url=server.http_url, **params)
+    _, chunks = _ordered(client, instruction, **params)
+    story = np.concatenate([c.audio for c in chunks], axis=1)
+    assert story.shape == whole.audio.shape and np.array_equal(story, whole.audio)
+    if mode == "script":
+        assert story.shape[1] == 21 * 32000
+
+
+def test_the_ensemble_and_the_command_line_encode_too(client, server, sample_instructions, tmp_path):
+    """The ensemble's clips come encoded by dit_sampler (the same samples as the front door's);
+    ``python -m client generate --format`` writes the file as it streams and completes its head."""
+    from audiostory_ensemble.pipeline.encode import decode
+    from client.__main__ import main as client_main
+
+    caption = sample_instructions[0][0]
+    params = dict(total_duration=14.2, num_steps=2)
+    pcm = {c.index: c for c in client.stream(caption, **params)}
+    ensemble = AudioStoryClient(server.grpc_url, model=I.ENSEMBLE)
+    flac = {c.index: c for c in ensemble.stream(caption, audio_format="flac", **params)}
+    assert sorted(flac) == sorted(pcm)
+    for i, c in flac.items():
+        assert c.audio.shape == (2, 0) and c.mime == "audio/flac"
+        decoded, rate = decode(c.encoded)
+        assert rate == 32000 and np.abs(decoded - np.clip(pcm[i].audio, -1, 1)).max() <= 2.0 ** -23
+    whole = generate_http(caption, url=server.http_url, audio_format="flac", **params)
+    out = tmp_path / "story.flac"
+    assert client_main(["generate", caption, "--duration", "14.2", "--steps", "2", "--url", server.grpc_url,
+                        "--format", "flac", "-o", str(out), "--clips-dir", str(tmp_path / "clips")]) == 0
+    assert out.read_bytes() == whole.encoded
+    assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == [f"clip_{i:02d}.flac" for i in sorted(pcm)]
+    out = tmp_path / "story.opus"
+    assert client_main(["generate", caption, "--duration", "14.2", "--steps", "2", "--url", server.grpc_url,
+                        "--format", "opus", "--quality", "0.3", "-o", str(out)]) == 0
+    assert np.array_equal(decode(out.read_bytes())[0],
+                          decode(generate_http(caption, url=server.http_url, audio_format="opus", audio_quality=0.3,
+                                               **params).encoded)[0])
+    assert client_main(["generate", caption, "--url", server.grpc_url, "--quality", "0.3", "-o", str(out)]) == 2
 
 
 # ---- script mode (dubbing) and continuation ----------------------------------------------------------

@@ -35,6 +35,8 @@ class ClipMeta:
     fade_out: bool = False     # script mode: crossfaded into the next clip (render_s has the tail)
     timeline_s: float = 0.0    # script mode: the story's length (clips placed by start); 0 = joined
     mode: str = "story"        # story | script | continuation (RequestParams.mode)
+    audio_format: str = "pcm"  # AUDIO_FORMAT: the clip's encoding (dit_sampler encodes in the ensemble)
+    audio_quality: float | None = None
 
     @classmethod
     def of_planned(cls, clip, params: RequestParams, plan_id: str, arrival: float, story_key: str) -> "ClipMeta":
@@ -48,7 +50,8 @@ class ClipMeta:
                    sc.render_s if sc else post.render_seconds(clip.duration, fades_out=fades),
                    clip.is_last, params.guidance, params.seed, params.num_steps, arrival, story_key,
                    fade_in=bool(sc and sc.fade_in), fade_out=bool(sc and sc.fade_out),
-                   timeline_s=params.total_duration if sc else 0.0, mode=params.mode)
+                   timeline_s=params.total_duration if sc else 0.0, mode=params.mode,
+                   audio_format=params.audio_format, audio_quality=params.audio_quality)
 
     def plan_entry(self) -> dict:
         """The clip's public plan entry (the ``PLAN`` output)."""

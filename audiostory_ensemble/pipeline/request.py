@@ -14,6 +14,7 @@ from .. import interface as I
 from ..model.config import DURATION_POLICIES, MAX_INPUT_AUDIO_S, MAX_PLAN_TEMPERATURE, MAX_SEED, MIN_INPUT_AUDIO_S
 from ..model.grammar import control_token_in
 from . import script
+from .encode import FormatError, codec
 
 
 class RequestError(ValueError):
@@ -52,6 +53,8 @@ class RequestParams:
     input_sample_rate: int = 0
     plan_temperature: float = I.PLAN_TEMPERATURE.default
     plan_top_p: float = I.PLAN_TOP_P.default
+    audio_format: str = I.AUDIO_FORMAT.default
+    audio_quality: float | None = None
 
     @property
     def mode(self) -> str:
@@ -99,6 +102,17 @@ def _scalar(get: Callable[[str], np.ndarray | None], t: I.Tensor, kind: type):
     return int(value)
 
 
+def story_stream(get: Callable[[str], np.ndarray | None]) -> bool:
+    """``STORY_STREAM`` (``audiostory_stream`` only): also stream the ordered story."""
+    arr = get(I.STORY_STREAM.name)
+    if arr is None:
+        return bool(I.STORY_STREAM.default)
+    arr = np.asarray(arr)
+    if arr.size != 1 or arr.dtype.kind != "b":
+        raise RequestError(f"STORY_STREAM must be one BOOL, got {arr.dtype} of shape {list(arr.shape)}")
+    return bool(arr.reshape(-1)[0])
+
+
 def parse_request(get: Callable[[str], np.ndarray | None], limits: Limits = Limits()) -> RequestParams:
     """Validate a request's inputs (``get(name)`` returns the numpy array or None) and apply defaults."""
     raw_segments = _scalar(get, I.SEGMENTS, str)     # "" when absent
@@ -141,8 +155,15 @@ def parse_request(get: Callable[[str], np.ndarray | None], limits: Limits = Limi
     top_p = _scalar(get, I.PLAN_TOP_P, float)
     if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
         raise RequestError(f"PLAN_TOP_P must be in (0, 1] (1 = off), got {top_p}")
+    audio_format = _scalar(get, I.AUDIO_FORMAT, str).strip().lower()
+    quality = _scalar(get, I.AUDIO_QUALITY, float)
+    try:
+        codec(audio_format, quality)
+    except FormatError as e:
+        raise RequestError(str(e)) from None
     params = RequestParams(instruction, float(total), float(guidance), int(seed), int(steps), policy,
-                           plan_temperature=float(temperature), plan_top_p=float(top_p))
+                           plan_temperature=float(temperature), plan_top_p=float(top_p),
+                           audio_format=audio_format, audio_quality=quality)
     if raw_segments and has_audio:
         raise RequestError("SEGMENTS and INPUT_AUDIO cannot be combined: give a script or an audio to continue")
     if raw_segments:

@@ -14,6 +14,7 @@ from typing import Callable
 
 from .. import interface as I
 from .. import names
+from ..pipeline.output import StoryOutput
 from ..pipeline.story import CLIP, EMPTY, ENTRY, ERROR, Code, StageError
 from ..runtime.loop import DaemonCalls
 from . import control
@@ -55,14 +56,17 @@ class ThreadedSends:
 
 class BlsStageClients:
     """One story's stages through BLS (``pipeline.story.StageClients``), and its client. The story
-    key goes with the ``llm`` and ``dit_sampler`` requests as their request id: a cancel names it."""
+    key goes with the ``llm`` and ``dit_sampler`` requests as their request id: a cancel names it.
+    ``output``: what the client gets besides the stages' PCM clips (its format, the ordered story);
+    encoding runs on a worker thread, never on the event loop."""
 
     def __init__(self, pb_utils, stages: tuple[str, str, str], sender, inputs: list, story_key: str,
-                 sends: ThreadedSends, board, log: Callable[[str], None]):
+                 sends: ThreadedSends, board, log: Callable[[str], None], output: StoryOutput | None = None):
         self.pb = pb_utils
         self.llm, self.bridge_model, self.sampler = stages
         self.sender, self.inputs, self.story_key = sender, inputs, story_key
         self.sends, self.board, self.log = sends, board, log
+        self.output = output or StoryOutput()
 
     def _tensors(self, response, tensor_names) -> list:
         pb = self.pb
@@ -93,8 +97,19 @@ class BlsStageClients:
         return EMPTY, ""
 
     async def send(self, clip) -> bool:
-        return await self.sends.send(self.sender, self.pb.InferenceResponse(
-            self._tensors(clip, [t.name for t in I.CLIP_OUTPUTS])))
+        out = self.output
+        if not (out.encoded or out.story is not None):     # pcm clips only: passed on as they came
+            return await self.sends.send(self.sender, self.pb.InferenceResponse(
+                self._tensors(clip, [t.name for t in I.CLIP_OUTPUTS])))
+        outputs = {t.name: self.pb.get_output_tensor_by_name(clip, t.name).as_numpy() for t in I.CLIP_OUTPUTS}
+        response, chunks = await asyncio.to_thread(lambda: (out.clip(outputs), out.after_clip(outputs)))
+        for tensors in (response, *chunks):
+            if not await self.sends.send(self.sender, self._response(tensors)):
+                return False
+        return True
+
+    def _response(self, tensors: dict):
+        return self.pb.InferenceResponse([self.pb.Tensor(n, v) for n, v in tensors.items()])
 
     async def fail(self, message: str, code: Code) -> None:
         codes = {Code.UNAVAILABLE: self.pb.TritonError.UNAVAILABLE, Code.UNKNOWN: self.pb.TritonError.UNKNOWN}
@@ -103,6 +118,15 @@ class BlsStageClients:
         await self.sends.error(self.sender, message, codes.get(code))
 
     async def finish(self) -> None:
+        if self.output.story is not None and not self.cancelled():
+            try:
+                chunks = await asyncio.to_thread(self.output.at_end)
+            except ValueError as e:         # clips missing: the story is not whole; say so, send no end
+                chunks = []
+                self.log(f"ordered story not finished: {e}")
+            for tensors in chunks:
+                if not await self.sends.send(self.sender, self._response(tensors)):
+                    return
         await self.sends.send(self.sender, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     async def cancel(self, stages: list[str]) -> None:

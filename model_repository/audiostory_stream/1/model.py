@@ -1,6 +1,9 @@
 """audiostory_stream: the streaming front door. Tensors in and out; the story itself is
 ``pipeline.story.StoryRunner``, handed the stages as BLS clients (``serving.stage_clients``).
 
+- The client's format (`AUDIO_FORMAT`): the stages render PCM, each clip is encoded here, and with
+  `STORY_STREAM` the story itself follows in order, final part by final part
+  (`pipeline.output.StoryOutput`), PCM chunks or one encoded file in pieces.
 - Validation (INVALID_ARGUMENT naming the field) and admission: at most `max_active_stories`
   stories at once per instance of this model; past it UNAVAILABLE at once (retry later) instead
   of queueing behind work it would wait minutes for. While the stage board says a stage is down,
@@ -23,7 +26,8 @@ import triton_python_backend_utils as pb_utils
 
 from audiostory_ensemble import interface as I
 from audiostory_ensemble import names
-from audiostory_ensemble.pipeline.request import RequestError, parse_request
+from audiostory_ensemble.pipeline.output import StoryOutput
+from audiostory_ensemble.pipeline.request import RequestError, parse_request, story_stream
 from audiostory_ensemble.pipeline.story import StoryRunner
 from audiostory_ensemble.runtime.loop import DaemonCalls, ensure_heartbeat
 from audiostory_ensemble.runtime.stages import BoardView, StageDown, report
@@ -32,6 +36,8 @@ from audiostory_ensemble.serving.adapter import Parameters
 from audiostory_ensemble.serving.metrics import FRONT_DOOR_COUNTERS as COUNTERS
 from audiostory_ensemble.serving.metrics import BoardMetrics, StageMetrics
 from audiostory_ensemble.serving.stage_clients import BlsStageClients, ThreadedSends
+
+ENCODING_INPUTS = {t.name for t in I.ENCODING_INPUTS}
 
 
 class TritonPythonModel:
@@ -69,7 +75,10 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         inputs = {t.name: pb_utils.get_input_tensor_by_name(request, t.name) for t in I.REQUEST_INPUTS}
         try:
-            parse_request(lambda n: None if inputs[n] is None else inputs[n].as_numpy(), self.limits)
+            params = parse_request(lambda n: None if inputs[n] is None else inputs[n].as_numpy(), self.limits)
+            stream_t = pb_utils.get_input_tensor_by_name(request, I.STORY_STREAM.name)
+            output = StoryOutput(params.audio_format, params.audio_quality,
+                                 story_stream(lambda n: None if stream_t is None else stream_t.as_numpy()))
             story_key = control.story_key(pb_utils.get_input_tensor_by_name(request, control.STORY_KEY_INPUT))
         except RequestError as e:
             return await self.sends.error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
@@ -87,12 +96,15 @@ class TritonPythonModel:
         try:
             def log(message):
                 self.logger.log_warn(f"{self.name}: story {story_key}: {message}")
-            clients = BlsStageClients(pb_utils, self.stages, sender, [t for t in inputs.values() if t is not None],
-                                      story_key, self.sends, self.board, log)
+            # The stages render PCM; the client's format is made here (and the story, in order).
+            stage_inputs = [t for n, t in inputs.items() if t is not None and n not in ENCODING_INPUTS]
+            clients = BlsStageClients(pb_utils, self.stages, sender, stage_inputs, story_key, self.sends, self.board,
+                                      log, output)
             await StoryRunner(clients, self.calls, self.limits.story_timeout_s, 0.05,
                               lambda counter: self.metrics.counter(*COUNTERS[counter]), log).run()
             self._check_stuck()
         finally:
+            output.close()
             self._set_active(self.active - 1)
 
     def _set_active(self, count):

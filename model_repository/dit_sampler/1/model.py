@@ -23,6 +23,7 @@ import triton_python_backend_utils as pb_utils
 from audiostory_ensemble import interface as I
 from audiostory_ensemble import names
 from audiostory_ensemble.pipeline.clip import ClipRenderer, Stopped
+from audiostory_ensemble.pipeline.encode import PCM, clip_payload
 from audiostory_ensemble.pipeline.records import ClipMeta
 from audiostory_ensemble.runtime.gates import CancelScope
 from audiostory_ensemble.runtime.loop import ensure_heartbeat
@@ -87,9 +88,15 @@ class TritonPythonModel:
             self.metrics.clip_stopped(result.steps_saved, result.steps_after_cancel)
             return sender.send(flags=FINAL)
         meta = result.meta
-        outputs = ((I.CLIP_AUDIO, result.audio), (I.CLIP_INDEX, [meta.index]), (I.CAPTION, [meta.caption.encode()]),
+        # pcm unless the ensemble was asked for a format (the front door asks for pcm and encodes itself)
+        audio, encoded, mime = result.audio, b"", ""
+        if meta.audio_format != PCM:
+            audio, encoded, mime = await asyncio.to_thread(clip_payload, result.audio, meta.audio_format,
+                                                           meta.audio_quality)
+        outputs = ((I.CLIP_AUDIO, audio), (I.CLIP_INDEX, [meta.index]), (I.CAPTION, [meta.caption.encode()]),
                    (I.CLIP_START_S, [meta.start_s]), (I.CLIP_DURATION_S, [meta.duration_s]),
-                   (I.IS_LAST, [meta.is_last]), (I.CLIP_PLAN, [json.dumps(meta.plan_entry()).encode()]))
+                   (I.IS_LAST, [meta.is_last]), (I.CLIP_PLAN, [json.dumps(meta.plan_entry()).encode()]),
+                   (I.CLIP_ENCODED, [encoded]), (I.MIME_TYPE, [mime.encode()]))
         sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(t.name, np.ascontiguousarray(v, dtype=t.numpy_dtype))
                                                 for t, v in outputs]), flags=FINAL)
         self.metrics.clip_done(meta.plan_id, meta.arrival, meta.duration_s)
