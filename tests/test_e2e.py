@@ -608,6 +608,28 @@ def test_web_playground_shows_the_plan_and_a_playable_story(server, client, samp
     assert shot.is_file()
 
 
+# Six 9 s segments, 10 s apart: six clips, each a few seconds apart on this CPU at 100 steps.
+LIVE_SCRIPT = [{"start": 10.0 * i, "end": 10.0 * i + 9.0, "caption": c} for i, c in enumerate(
+    ["rain on a tin roof", "thunder far away", "a dog barks", "a door creaks open", "footsteps on gravel",
+     "a kettle whistles"])]
+
+
+def test_web_page_plays_the_story_while_it_arrives(server, test_build_dir):
+    """The live player plays the ordered story stream before the story's last clip has landed (the
+    status then still counts fewer clips than the story has), without a media error."""
+    import json
+    import re
+
+    page = _drive_page(server, test_build_dir, "--segments", json.dumps(LIVE_SCRIPT), "--steps", "100",
+                       "--screenshot", str(test_build_dir / "web_live.png"))
+    assert page["status"].startswith(f"done: {len(LIVE_SCRIPT)} clips"), page
+    live = page["live"]
+    assert live["playing"] is not None and not live["errors"], live
+    landed = re.match(r"(\d+) clip\(s\) after", live["status_at_play"])
+    assert landed and int(landed.group(1)) < len(LIVE_SCRIPT), live
+    assert live["seconds_played"] > 1.0, live
+
+
 def _drive_page(server, test_build_dir, *args):
     import json
     import subprocess

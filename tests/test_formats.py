@@ -220,7 +220,8 @@ def clip_outputs(c: Clip) -> dict:
             I.CAPTION.name: np.array([c.caption.encode()], np.object_),
             I.CLIP_START_S.name: np.array([c.start_s], np.float32),
             I.CLIP_DURATION_S.name: np.array([c.duration_s], np.float32),
-            I.IS_LAST.name: np.array([c.is_last]), I.CLIP_PLAN.name: np.array([json.dumps(c.plan).encode()], np.object_),
+            I.IS_LAST.name: np.array([c.is_last]),
+            I.CLIP_PLAN.name: np.array([json.dumps(c.plan).encode()], np.object_),
             I.CLIP_ENCODED.name: np.array([b""], np.object_), I.MIME_TYPE.name: np.array([b""], np.object_)}
 
 

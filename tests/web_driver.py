@@ -7,7 +7,8 @@
 
 Starts `python -m web` on a free loopback port, submits the form, waits for the story, and prints
 one JSON line: status text, the captions shown in the clip players, the story player's length
-label, and the downloaded WAV's length in samples. With ``--dub-video`` it opens the Dubbing tab
+label, the downloaded WAV's length in samples, and when the live player (the ordered story as it
+streams) started playing and what the status said then. With ``--dub-video`` it opens the Dubbing tab
 instead, uploads the video and subtitles, and prints the status, the cue and plan tables' rows, and
 the dubbed video element's duration and whether it plays.
 """
@@ -37,9 +38,29 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,2400"):
+                "--window-size=1280,2400", "--autoplay-policy=no-user-gesture-required"):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(driver), options=options)
+
+
+# The live player (the ordered story, streamed): when it first plays, and what the status said then
+# (which clips had landed). It is muted: headless Chromium has no sound card to wait for.
+LIVE_PROBE = """
+    const live = window.__live = {playing: null, status_at_play: null, seconds_played: 0, errors: []};
+    const status = () => (document.querySelector('#status') || {}).textContent || '';
+    const t0 = performance.now();
+    const timer = setInterval(() => {
+        const a = document.querySelector('#live audio');
+        if (!a) return;
+        a.muted = true;
+        if (a.error) live.errors.push(String(a.error.code));
+        if (a.currentTime > 0 && !a.paused && live.playing === null) {
+            live.playing = (performance.now() - t0) / 1000;
+            live.status_at_play = status().trim();
+        }
+        live.seconds_played = Math.max(live.seconds_played, a.currentTime);
+    }, 50);
+"""
 
 
 def table_rows(d, css) -> list[list[str]]:
@@ -159,6 +180,7 @@ def main() -> int:
             box = d.find_element(By.CSS_SELECTOR, f"#{eid} input")
             box.clear()
             box.send_keys(str(value))
+        d.execute_script(LIVE_PROBE)
         d.find_element(By.CSS_SELECTOR, "#generate").click()
         deadline = time.monotonic() + args.timeout
         status = ""
@@ -180,10 +202,11 @@ def main() -> int:
             import soundfile as sf
             data = urllib.request.urlopen(link[0].get_attribute("href"), timeout=30).read()
             wav_samples = sf.info(io.BytesIO(data)).frames
+        live = d.execute_script("return window.__live;")
         Path(args.screenshot).parent.mkdir(parents=True, exist_ok=True)
         d.save_screenshot(args.screenshot)
         print(json.dumps({"status": status, "captions": captions, "story_times": times,
-                          "story_audio_elements": audio_elements, "wav_samples": wav_samples}))
+                          "story_audio_elements": audio_elements, "wav_samples": wav_samples, "live": live}))
         return 0
     finally:
         if d is not None:

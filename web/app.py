@@ -4,11 +4,12 @@
 
 Everything goes through the gRPC client (`client.api`), streaming from `audiostory_stream`: the
 plan fills in clip by clip (caption, start, duration), each clip is playable as soon as it lands,
-and at the end the whole story is playable and downloadable, with a waveform picture marking
-the clip boundaries. The "Dubbing" tab takes a video and its sound-description subtitles (or a
-script), shows the cues and what became of each, fills the plan as clips land and plays the dubbed
-video (``client.dub``, ``client.subtitles``: the same rules as ``python -m client dub``). Errors
-show the server's own message.
+the story itself plays while it arrives (the server's ordered story stream, `STORY_STREAM`: each
+part once no later clip can change it), and at the end the whole story is playable and
+downloadable, with a waveform picture marking the clip boundaries. The "Dubbing" tab takes a video
+and its sound-description subtitles (or a script), shows the cues and what became of each, fills
+the plan as clips land and plays the dubbed video (``client.dub``, ``client.subtitles``: the same
+rules as ``python -m client dub``). Errors show the server's own message.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from audiostory_ensemble.model.config import (
     OUTPUT_SAMPLE_RATE,
 )
 from audiostory_ensemble.model.post import write_wav
-from audiostory_ensemble.pipeline.stitch import StoryAssembler
+from audiostory_ensemble.pipeline.stitch import Clip, StoryAssembler
 from client.api import AudioStoryClient, AudioStoryError
 
 MAX_CLIPS = 16          # clip players on the page (stories longer than this show the first 16)
@@ -71,6 +72,18 @@ def waveform_png(audio: np.ndarray, starts: list[float], captions: list[str], pa
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def wav_chunk(audio: np.ndarray, sr: int = OUTPUT_SAMPLE_RATE) -> bytes:
+    """A piece of the ordered story as a 16-bit WAV, the chunk form gradio's streaming player takes
+    (it plays the pieces as one stream)."""
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.ascontiguousarray(np.clip(audio, -1.0, 1.0).T), sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
 
 
 def audio_from_upload(data: np.ndarray) -> np.ndarray:
@@ -162,7 +175,7 @@ def build(triton_url: str):
                  plan_top_p):
         empty_clips = [gr.update(value=None, visible=False, label=f"clip {i}") for i in range(MAX_CLIPS)]
         status = "planning…"
-        yield [status, gr.update(value=[]), None, None, None, *empty_clips]
+        yield [status, gr.update(value=[]), None, None, None, None, *empty_clips]
         story = StoryAssembler()
         t0 = time.perf_counter()
         client = AudioStoryClient(triton_url)
@@ -177,14 +190,18 @@ def build(triton_url: str):
             rate, data = input_audio
             params["input_audio"], params["input_sample_rate"] = audio_from_upload(data), int(rate)
         try:
-            for clip in client.stream(instruction or None, **params):
+            for item in client.events(instruction or None, story_stream=True, **params):
+                if not isinstance(item, Clip):      # the story's next final part: to the live player
+                    yield [status, gr.update(), wav_chunk(item.audio), None, None, None, *empty_clips]
+                    continue
+                clip = item
                 story.add_clip(clip)
                 if clip.index < MAX_CLIPS:
                     empty_clips[clip.index] = gr.update(
                         value=(OUTPUT_SAMPLE_RATE, np.ascontiguousarray(clip.audio.T)), visible=True,
                         label=f"clip {clip.index}: {clip.caption}")
                 status = f"{len(story.clips)} clip(s) after {time.perf_counter() - t0:.1f} s"
-                yield [status, gr.update(value=plan_rows(story.clips.values())), None, None, None, *empty_clips]
+                yield [status, gr.update(value=plan_rows(story.clips.values())), None, None, None, None, *empty_clips]
             result = story.finish()
         except (AudioStoryError, TimeoutError, ValueError) as e:
             raise gr.Error(str(e)) from None
@@ -197,7 +214,7 @@ def build(triton_url: str):
         seconds = result.audio.shape[1] / result.sample_rate
         status = (f"done: {len(result.clips)} clips, {seconds:.2f} s of audio in "
                   f"{time.perf_counter() - t0:.1f} s")
-        yield [status, gr.update(value=plan_rows(result.clips)), str(wav), str(png), str(wav), *empty_clips]
+        yield [status, gr.update(value=plan_rows(result.clips)), None, str(wav), str(png), str(wav), *empty_clips]
 
     with gr.Blocks(title="AudioStory playground") as page:
         gr.Markdown(f"## AudioStory playground\nServer: `{triton_url}` (gRPC, `audiostory_stream`)")
@@ -223,6 +240,8 @@ def build(triton_url: str):
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 status = gr.Markdown(elem_id="status")
                 plan = gr.Dataframe(headers=PLAN_HEADERS, label="Plan", elem_id="plan", interactive=False)
+                live = gr.Audio(label="Story, playing as it arrives", streaming=True, autoplay=True, elem_id="live",
+                                interactive=False)
                 story_audio = gr.Audio(label="Story", type="filepath", elem_id="story", interactive=False)
                 picture = gr.Image(label="Waveform and clip boundaries", type="filepath", elem_id="waveform",
                                    interactive=False)
@@ -231,7 +250,7 @@ def build(triton_url: str):
                                 for i in range(MAX_CLIPS)]
                 run.click(generate, [instruction, total, guidance, seed, steps, segments, input_audio,
                                      plan_temperature, plan_top_p],
-                          [status, plan, story_audio, picture, download, *clip_players])
+                          [status, plan, live, story_audio, picture, download, *clip_players])
             with gr.Tab("Dubbing", id="dubbing"):
                 gr.Markdown("A video and its sound-description subtitles (`[door creaks]`, `(dog barking)`) "
                             "or a script in, the video with a generated soundtrack out; the video stream is "
