@@ -131,7 +131,7 @@ def _generate_encoded(args, params: dict, out: Path, t0: float) -> int:
             clips, size, mime = story.clips, len(story.encoded), story.mime
         else:
             saved = AudioStoryClient(args.url).save(args.instruction, out, args.format, on_clip=on_clip,
-                                                    timeout=args.timeout, **params)
+                                                    clip_files=clips_dir is not None, timeout=args.timeout, **params)
             clips, size, mime = saved.clips, saved.size, saved.mime
             print(f"first bytes of the story after {saved.first_chunk_s:.1f} s", flush=True)
     except (AudioStoryError, TimeoutError, ConnectionError, OSError) as e:

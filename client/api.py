@@ -128,9 +128,11 @@ class AudioStoryClient:
             if isinstance(item, Clip):
                 yield item
 
-    def events(self, instruction: str | None, *, timeout: float = 600.0, **params) -> Iterator[Clip | StoryChunk]:
+    def events(self, instruction: str | None, *, timeout: float = 600.0, clip_audio: bool = True,
+               **params) -> Iterator[Clip | StoryChunk]:
         """Clips as they arrive and, with ``story_stream=True``, the story in order as
-        :class:`StoryChunk` items (from ``audiostory_stream``)."""
+        :class:`StoryChunk` items (from ``audiostory_stream``). ``clip_audio=False``: the clips
+        come without their audio (neither samples nor files; the server then encodes no clip)."""
         g = self._grpc
         client = g.InferenceServerClient(self.url)
         responses: queue.Queue = queue.Queue()
@@ -141,7 +143,8 @@ class AudioStoryClient:
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
         outputs = [g.InferRequestedOutput(t.name)
-                   for t in (I.STREAM_OUTPUTS if params.get("story_stream") else I.CLIP_OUTPUTS)]
+                   for t in (I.STREAM_OUTPUTS if params.get("story_stream") else I.CLIP_OUTPUTS)
+                   if clip_audio or t not in (I.CLIP_AUDIO, I.CLIP_ENCODED)]
         deadline = time.monotonic() + timeout
         finished = False        # the server ended the request (its final response, or an error)
         try:
@@ -173,7 +176,7 @@ class AudioStoryClient:
                     raise AudioStoryError(str(error.message() if hasattr(error, "message") else error),
                                           error.status() if hasattr(error, "status") else None)
                 response = result.get_response()
-                if result.as_numpy(I.CLIP_AUDIO.name) is not None:
+                if result.as_numpy(I.CLIP_INDEX.name) is not None:
                     yield Clip.from_outputs(result.as_numpy)
                 elif result.as_numpy(I.STORY_OFFSET.name) is not None:
                     yield StoryChunk.from_outputs(result.as_numpy)
@@ -198,17 +201,18 @@ class AudioStoryClient:
             raise AudioStoryError(f"incomplete story: {e}") from None
 
 
-    def save(self, instruction: str | None, path, audio_format: str, *, on_clip=None, timeout: float = 600.0,
-             **params) -> SavedStory:
+    def save(self, instruction: str | None, path, audio_format: str, *, on_clip=None, clip_files: bool = False,
+             timeout: float = 600.0, **params) -> SavedStory:
         """The story encoded by the server as one file in ``audio_format``, written to ``path`` as
         it streams (a player can open the file before it is finished); at the end its header is
-        completed (the length, for WAV, FLAC and MP3)."""
+        completed (the length, for WAV, FLAC and MP3). ``clip_files``: each clip's own file too
+        (``Clip.encoded``, for ``on_clip``); without, the server encodes only the story."""
         path = Path(path)
         clips, size, mime, first = [], 0, "", None
         t0 = time.monotonic()
         with open(path, "wb") as f:
             for item in self.events(instruction, timeout=timeout, audio_format=audio_format, story_stream=True,
-                                    **params):
+                                    clip_audio=clip_files, **params):
                 if isinstance(item, Clip):
                     clips.append(item)
                     if on_clip is not None:

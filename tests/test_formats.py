@@ -238,7 +238,7 @@ def test_the_front_doors_story_output_sends_the_story_once_in_order(fmt):
         assert (sent[I.CLIP_AUDIO.name].shape[1] == 0) == (fmt != "pcm")
         assert bool(sent[I.CLIP_ENCODED.name][0]) == (fmt != "pcm")
         chunks += out.after_clip(clip_outputs(clips[i]))
-    assert out.at_end() == [], "the story was whole at its last clip"
+    assert list(out.at_end()) == [], "the story was whole at its last clip"
     offsets = [int(c[I.STORY_OFFSET.name][0]) for c in chunks]
     if fmt == "pcm":
         audio = np.concatenate([c[I.STORY_AUDIO.name] for c in chunks], axis=1)

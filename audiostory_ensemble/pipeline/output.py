@@ -6,11 +6,15 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from .. import interface as I
 from .encode import PCM, StreamEncoder, clip_payload, codec
 from .stitch import Clip, StoryStream
+
+PIECE_S = 2.0      # audio encoded per story chunk: the first bytes wait for this much, not a whole part
 
 
 def _bytes(b: bytes) -> np.ndarray:
@@ -20,9 +24,11 @@ def _bytes(b: bytes) -> np.ndarray:
 class StoryOutput:
     """One story's outputs to its client. Not thread-safe: one call at a time, in story order."""
 
-    def __init__(self, audio_format: str = PCM, quality: float | None = None, story: bool = False):
+    def __init__(self, audio_format: str = PCM, quality: float | None = None, story: bool = False,
+                 clip_files: bool = True):
         self.codec = codec(audio_format, quality)
         self.quality = quality
+        self.clip_files = clip_files       # CLIP_ENCODED was asked for (else no clip is encoded)
         self.story = StoryStream() if story else None
         self.encoder = None
         self.offset = 0            # samples (pcm) or bytes (encoded) of the story sent
@@ -36,24 +42,30 @@ class StoryOutput:
         """A clip's outputs (``I.CLIP_OUTPUTS`` by name, PCM as ``dit_sampler`` sends it to the front
         door) in the requested format."""
         out = dict(outputs)
-        audio, encoded, mime = clip_payload(outputs[I.CLIP_AUDIO.name], self.codec.name, self.quality)
+        audio = outputs[I.CLIP_AUDIO.name]
+        if self.encoded and not self.clip_files:
+            audio, encoded, mime = np.zeros((audio.shape[0], 0), np.float32), b"", self.codec.mime
+        else:
+            audio, encoded, mime = clip_payload(audio, self.codec.name, self.quality)
         out[I.CLIP_AUDIO.name] = np.ascontiguousarray(audio, dtype=np.float32)
         out[I.CLIP_ENCODED.name] = _bytes(encoded)
         out[I.MIME_TYPE.name] = _bytes(mime.encode())
         return out
 
-    def after_clip(self, outputs: dict) -> list[dict]:
-        """The story chunk a clip made final (none without STORY_STREAM, or if nothing new is)."""
+    def after_clip(self, outputs: dict) -> Iterator[dict]:
+        """The story chunks a clip made final (none without STORY_STREAM, or if nothing new is).
+        The story advances now; the chunks are encoded as they are taken, ``PIECE_S`` of audio at
+        a time, so that the first bytes go out before the whole part is encoded."""
         if self.story is None or self.ended:
-            return []
+            return iter(())
         audio = self.story.add(Clip.from_outputs(outputs.get))
-        return self._chunk(audio, last=self.story.done)
+        return self._chunks(audio, last=self.story.done)
 
-    def at_end(self) -> list[dict]:
+    def at_end(self) -> Iterator[dict]:
         """The stream ended (every clip delivered): what the story still holds, and the file's end."""
         if self.story is None or self.ended:
-            return []
-        return self._chunk(self.story.finish(), last=True)
+            return iter(())
+        return self._chunks(self.story.finish(), last=True)
 
     def close(self) -> None:
         """The story ended some other way: drop the encoder."""
@@ -61,26 +73,30 @@ class StoryOutput:
         if self.encoder is not None:
             self.encoder.abort()
 
-    def _chunk(self, audio: np.ndarray, last: bool) -> list[dict]:
-        header = b""
-        if not self.encoded:
-            data = b""
-            size = audio.shape[1]
-        else:
-            if self.encoder is None:
-                self.encoder = StreamEncoder(self.codec.name, self.quality, channels=audio.shape[0] or 2)
-            data = self.encoder.write(audio) if audio.shape[1] else b""
-            if last:
-                tail, header = self.encoder.close()
-                data += tail
-            size = len(data)
-            audio = np.zeros((audio.shape[0] or 2, 0), np.float32)
+    def _chunks(self, audio: np.ndarray, last: bool) -> Iterator[dict]:
         if last:
             self.ended = True
-        if not size and not (last and header):
-            return []
-        chunk = {I.STORY_AUDIO.name: np.ascontiguousarray(audio, dtype=np.float32),
-                 I.STORY_ENCODED.name: _bytes(data), I.STORY_OFFSET.name: np.array([self.offset], np.int64),
-                 I.STORY_HEADER.name: _bytes(header), I.MIME_TYPE.name: _bytes(self.codec.mime.encode())}
+        channels = audio.shape[0] or 2
+        if not self.encoded:
+            if audio.shape[1]:
+                yield self._chunk(np.ascontiguousarray(audio, dtype=np.float32), b"", b"", audio.shape[1])
+            return
+        if self.encoder is None:
+            self.encoder = StreamEncoder(self.codec.name, self.quality, channels=channels)
+        empty = np.zeros((channels, 0), np.float32)
+        step = int(PIECE_S * self.encoder.in_rate)
+        for start in range(0, audio.shape[1], step):
+            data = self.encoder.write(audio[:, start:start + step])
+            if data:
+                yield self._chunk(empty, data, b"", len(data))
+        if last:
+            data, header = self.encoder.close()
+            if data or header:
+                yield self._chunk(empty, data, header, len(data))
+
+    def _chunk(self, audio: np.ndarray, data: bytes, header: bytes, size: int) -> dict:
+        chunk = {I.STORY_AUDIO.name: audio, I.STORY_ENCODED.name: _bytes(data),
+                 I.STORY_OFFSET.name: np.array([self.offset], np.int64), I.STORY_HEADER.name: _bytes(header),
+                 I.MIME_TYPE.name: _bytes(self.codec.mime.encode())}
         self.offset += size
-        return [chunk]
+        return chunk

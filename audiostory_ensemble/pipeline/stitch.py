@@ -33,9 +33,11 @@ class Clip:
         from .. import interface as I
 
         plan, encoded, mime = get(I.CLIP_PLAN.name), get(I.CLIP_ENCODED.name), get(I.MIME_TYPE.name)
+        audio = get(I.CLIP_AUDIO.name)          # not asked for: none
         text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
         return cls(int(get(I.CLIP_INDEX.name)[0]), text(get(I.CAPTION.name)[0]),
-                   np.asarray(get(I.CLIP_AUDIO.name), dtype=np.float32), float(get(I.CLIP_START_S.name)[0]),
+                   np.zeros((2, 0), np.float32) if audio is None else np.asarray(audio, dtype=np.float32),
+                   float(get(I.CLIP_START_S.name)[0]),
                    float(get(I.CLIP_DURATION_S.name)[0]), bool(get(I.IS_LAST.name)[0]),
                    json.loads(plan[0]) if plan is not None else {},
                    bytes(encoded[0]) if encoded is not None else b"", text(mime[0]) if mime is not None else "")

@@ -102,11 +102,23 @@ class BlsStageClients:
             return await self.sends.send(self.sender, self.pb.InferenceResponse(
                 self._tensors(clip, [t.name for t in I.CLIP_OUTPUTS])))
         outputs = {t.name: self.pb.get_output_tensor_by_name(clip, t.name).as_numpy() for t in I.CLIP_OUTPUTS}
-        response, chunks = await asyncio.to_thread(lambda: (out.clip(outputs), out.after_clip(outputs)))
-        for tensors in (response, *chunks):
+        # The clip's file and the story's next part are encoded side by side (libsndfile lets go of
+        # the GIL); the clip goes out as soon as it is ready, then the story's part, piece by piece.
+        story = asyncio.ensure_future(asyncio.to_thread(out.after_clip, outputs)) if out.story is not None else None
+        try:
+            sent = await self.sends.send(self.sender, self._response(await asyncio.to_thread(out.clip, outputs)))
+        finally:
+            parts = await story if story is not None else iter(())
+        return sent and await self._send_parts(parts)
+
+    async def _send_parts(self, parts) -> bool:
+        """Story chunks, each encoded on a worker thread as it is taken, sent in order."""
+        while True:
+            tensors = await asyncio.to_thread(next, parts, None)
+            if tensors is None:
+                return True
             if not await self.sends.send(self.sender, self._response(tensors)):
                 return False
-        return True
 
     def _response(self, tensors: dict):
         return self.pb.InferenceResponse([self.pb.Tensor(n, v) for n, v in tensors.items()])
@@ -120,13 +132,12 @@ class BlsStageClients:
     async def finish(self) -> None:
         if self.output.story is not None and not self.cancelled():
             try:
-                chunks = await asyncio.to_thread(self.output.at_end)
+                parts = self.output.at_end()
             except ValueError as e:         # clips missing: the story is not whole; say so, send no end
-                chunks = []
+                parts = iter(())
                 self.log(f"ordered story not finished: {e}")
-            for tensors in chunks:
-                if not await self.sends.send(self.sender, self._response(tensors)):
-                    return
+            if not await self._send_parts(parts):
+                return
         await self.sends.send(self.sender, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     async def cancel(self, stages: list[str]) -> None:

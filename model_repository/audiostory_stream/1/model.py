@@ -77,8 +77,10 @@ class TritonPythonModel:
         try:
             params = parse_request(lambda n: None if inputs[n] is None else inputs[n].as_numpy(), self.limits)
             stream_t = pb_utils.get_input_tensor_by_name(request, I.STORY_STREAM.name)
+            wanted = set(request.requested_output_names())     # none named: every output
             output = StoryOutput(params.audio_format, params.audio_quality,
-                                 story_stream(lambda n: None if stream_t is None else stream_t.as_numpy()))
+                                 story_stream(lambda n: None if stream_t is None else stream_t.as_numpy()),
+                                 clip_files=not wanted or I.CLIP_ENCODED.name in wanted)
             story_key = control.story_key(pb_utils.get_input_tensor_by_name(request, control.STORY_KEY_INPUT))
         except RequestError as e:
             return await self.sends.error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
