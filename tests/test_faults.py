@@ -117,12 +117,12 @@ def _restarts(server, stage: str) -> int:
     return server.board.stages[stage].restarts
 
 
-def _kill_during_story(server, caption, pid_of, after_first_clip: bool, steps: int = 150):
+def _kill_during_story(server, caption, pid_of, after_first_clip: bool, steps: int = 150, **params):
     """Start a story, kill the process ``pid_of()`` names (at once, or once the first clip arrived),
     and return (outcome, seconds from the kill to the story's end, the supervisor's record)."""
     restarts = len(server.supervisor.history)
     readiness = Readiness(server)
-    stream = OpenStream(server.grpc_url, instruction=caption, total_duration=30.0, num_steps=steps)
+    stream = OpenStream(server.grpc_url, instruction=caption, total_duration=30.0, num_steps=steps, **params)
     try:
         if after_first_clip:
             result, error = stream.next(timeout=120)
@@ -170,6 +170,23 @@ def test_a_dead_stub_costs_its_stories_and_comes_back(server, sample_instruction
     wait_for(lambda: scrape(server).get(f"audiostory_stage_restarts_total{{{labels}}}") == before + 1, timeout=10,
              what="the restart on /metrics")
     assert metrics.get(f"audiostory_stage_up{{{labels}}}", 1.0) in (0.0, 1.0)
+
+
+def test_a_dead_sampler_ends_an_encoded_story_stream_and_the_next_one_is_whole(server, sample_instructions,
+                                                                              tmp_path):
+    """The front door holds an encoder and the story's held fade per story: the sampler killed
+    while an Opus story streams in order ends it UNAVAILABLE naming the stage, within the bound,
+    and the next encoded story is a whole file (its encoder is its own)."""
+    from audiostory_ensemble.pipeline.encode import decode
+
+    outcome, took, record = _kill_during_story(server, sample_instructions[0][0],
+                                               lambda: _stub(server, "dit_sampler"), True, 150,
+                                               audio_format="opus", story_stream=True)
+    _assert_lost_or_completed(outcome, took, "dit_sampler", must_fail=True)
+    saved = AudioStoryClient(server.grpc_url).save("rain on a tin roof", tmp_path / "story.opus", "opus",
+                                                   total_duration=6.0, num_steps=2, timeout=120)
+    audio, rate = decode(saved.path.read_bytes())
+    assert rate == 48000 and audio.shape[1] == round(6.0 * 48000)
 
 
 @pytest.mark.parametrize("kind, which, engine, idle", [
