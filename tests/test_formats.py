@@ -143,6 +143,29 @@ def test_wav_is_the_samples_and_flac_is_them_in_24_bits():
     assert err.max() <= STEP_24, err.max()
 
 
+def test_samples_no_encoder_takes_are_made_safe_not_fatal():
+    """NaN, infinite and huge samples: LAME aborts its process on them (an assertion) and FLAC
+    refuses NaN. Each format encodes them (in a child process: a regression must not take pytest
+    down), wav keeps them as they are."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np
+from audiostory_ensemble.pipeline.encode import decode, encode
+x = np.zeros((2, 5000), np.float32)
+x[:, 100], x[:, 200], x[:, 300], x[:, 400] = np.nan, np.inf, -1e30, 1e30
+for fmt in ("flac", "opus", "mp3"):
+    y, _ = decode(encode(x, fmt))
+    assert np.isfinite(y).all() and np.abs(y).max() <= 1.5, fmt
+y, _ = decode(encode(x, "wav"))
+assert np.isnan(y[:, 100]).all() and np.isinf(y[:, 200]).all()
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("fmt", ["opus", "mp3"])
 def test_lossy_formats_keep_the_sound(fmt):
     """Within the codec's tolerance: a signal-to-error ratio above 20 dB on tones (both codecs
@@ -250,3 +273,100 @@ def test_the_front_doors_story_output_sends_the_story_once_in_order(fmt):
     assert all(c[I.MIME_TYPE.name][0] == CODECS[fmt].mime.encode() for c in chunks)
     head = chunks[-1][I.STORY_HEADER.name][0]
     assert np.array_equal(decode(patched(b"".join(data), head))[0], decode(encode(want, fmt))[0])
+
+
+class _Pb:
+    """What BlsStageClients uses of triton_python_backend_utils, in memory."""
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+    class TritonError:
+        INTERNAL, UNAVAILABLE, UNKNOWN = "INTERNAL", "UNAVAILABLE", "UNKNOWN"
+
+        def __init__(self, message, code="INTERNAL"):
+            self.message, self.code = message, code
+
+    class Tensor:
+        def __init__(self, name, value):
+            self.name, self.value = name, value
+
+        def as_numpy(self):
+            return self.value
+
+    class InferenceResponse:
+        def __init__(self, tensors=None, error=None):
+            self.tensors, self.error = tensors or [], error
+
+    @staticmethod
+    def get_output_tensor_by_name(response, name):
+        return next((t for t in response.tensors if t.name == name), None)
+
+
+class _Sender:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, response=None, flags=0):
+        self.sent.append((response, flags))
+
+    def is_cancelled(self):
+        return False
+
+
+def _front_door(output):
+    from audiostory_ensemble.serving.stage_clients import BlsStageClients, ThreadedSends
+
+    sender, logged = _Sender(), []
+    clients = BlsStageClients(_Pb, ("llm", "bridge", "dit_sampler"), sender, [], "key",
+                              ThreadedSends(_Pb, 4, 5.0), None, logged.append, output)
+    return clients, sender, logged
+
+
+def _as_response(c: Clip):
+    return _Pb.InferenceResponse([_Pb.Tensor(n, v) for n, v in clip_outputs(c).items()])
+
+
+def test_the_front_door_sends_each_clip_then_the_story_part_it_made_final():
+    import asyncio
+
+    clips = joined_clips([5 * SR, 4 * SR])
+    clients, sender, _ = _front_door(StoryOutput("pcm", story=True))
+
+    async def run():
+        return [await clients.send(_as_response(c)) for c in clips] + [await clients.finish()]
+    assert asyncio.run(run())[:2] == [True, True]
+    kinds = [("final" if r is None else "clip" if _Pb.get_output_tensor_by_name(r, I.CLIP_INDEX.name) else "story")
+             for r, _ in sender.sent]
+    assert kinds == ["clip", "story", "clip", "story", "final"]
+    story = np.concatenate([_Pb.get_output_tensor_by_name(r, I.STORY_AUDIO.name).value
+                            for r, _ in sender.sent if r is not None and
+                            _Pb.get_output_tensor_by_name(r, I.STORY_AUDIO.name) is not None], axis=1)
+    assert np.array_equal(story, assembled(clips))
+
+
+def test_an_encoder_that_fails_ends_the_story_with_its_error_not_a_silent_stream():
+    """The stream's error names the encoder and is final; the runner stops (False) and cancels."""
+    import asyncio
+
+    class Failing(StoryOutput):
+        def clip(self, outputs):
+            raise RuntimeError("libsndfile: out of memory")
+
+    clients, sender, logged = _front_door(Failing("opus", story=True))
+    assert asyncio.run(clients.send(_as_response(joined_clips([5 * SR])[0]))) is False
+    (response, flags), = sender.sent
+    assert flags == _Pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert response.error.message == ("audiostory_stream: encoding the story as opus: RuntimeError: "
+                                      "libsndfile: out of memory")
+    assert logged and "encoding the story as opus" in logged[0]
+
+    class FailingLater(StoryOutput):       # the story's pieces, after the clip went out
+        def after_clip(self, outputs):
+            def parts():
+                raise OSError("disk full")
+                yield
+            return parts()
+
+    clients, sender, _ = _front_door(FailingLater("flac", story=True))
+    assert asyncio.run(clients.send(_as_response(joined_clips([5 * SR])[0]))) is False
+    assert _Pb.get_output_tensor_by_name(sender.sent[0][0], I.CLIP_INDEX.name) is not None
+    assert "OSError: disk full" in sender.sent[-1][0].error.message and sender.sent[-1][1] == 1

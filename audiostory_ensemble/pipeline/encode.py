@@ -5,10 +5,13 @@ Formats (``AUDIO_FORMAT``):
 
 - ``pcm``: no encoding; the FP32 tensors, as always (the default).
 - ``wav``: 32-bit float WAV at 32 kHz: exactly the model's samples.
-- ``flac``: 24-bit FLAC at 32 kHz: lossless of the samples rounded to 24 bits (clipped to [-1, 1]).
+- ``flac``: 24-bit FLAC at 32 kHz: lossless of the samples rounded to 24 bits.
 - ``opus``: Ogg Opus, resampled to 48 kHz (Opus codes 8/12/16/24/48 kHz only) with soxr's HQ
   filter, the pipeline's own resampler; lossy.
 - ``mp3``: MPEG-1 Layer III at 32 kHz (LAME); lossy.
+
+Every format but wav takes samples in [-1, 1]: beyond is clipped, NaN is silence (LAME would
+abort the process on an infinite sample).
 
 ``AUDIO_QUALITY`` (opus and mp3 only): in [0, 1], 1 the best and largest; left out, the codec's
 default (Opus about 120 kb/s, MP3 about 110 kb/s VBR on this model's audio). It sets libsndfile's
@@ -167,6 +170,10 @@ class StreamEncoder:
         if self.closed:
             raise ValueError("the stream is closed")
         frames = _as_frames(audio)
+        if self.codec.name != "wav":
+            # LAME aborts the process on a non-finite or huge sample, libsndfile's FLAC refuses a
+            # NaN: these formats take [-1, 1] (FLAC clips there anyway), NaN as silence.
+            frames = np.clip(np.nan_to_num(frames, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
         if frames.shape[1] != self.channels:
             raise ValueError(f"audio has {frames.shape[1]} channels; the stream has {self.channels}")
         self.samples_in += frames.shape[0]

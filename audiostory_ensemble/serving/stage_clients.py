@@ -106,19 +106,33 @@ class BlsStageClients:
         # the GIL); the clip goes out as soon as it is ready, then the story's part, piece by piece.
         story = asyncio.ensure_future(asyncio.to_thread(out.after_clip, outputs)) if out.story is not None else None
         try:
-            sent = await self.sends.send(self.sender, self._response(await asyncio.to_thread(out.clip, outputs)))
-        finally:
-            parts = await story if story is not None else iter(())
-        return sent and await self._send_parts(parts)
+            try:
+                response = await asyncio.to_thread(out.clip, outputs)
+            finally:
+                parts = await story if story is not None else iter(())
+        except Exception as e:  # noqa: BLE001 - an encoder's failure ends the story, named
+            return await self._encoding_failed(e)
+        return await self.sends.send(self.sender, self._response(response)) and await self._send_parts(parts)
 
     async def _send_parts(self, parts) -> bool:
         """Story chunks, each encoded on a worker thread as it is taken, sent in order."""
         while True:
-            tensors = await asyncio.to_thread(next, parts, None)
+            try:
+                tensors = await asyncio.to_thread(next, parts, None)
+            except Exception as e:  # noqa: BLE001
+                return await self._encoding_failed(e)
             if tensors is None:
                 return True
             if not await self.sends.send(self.sender, self._response(tensors)):
                 return False
+
+    async def _encoding_failed(self, e: Exception) -> bool:
+        """The story's error (its clients hear why), then False: the story stops as if its caller
+        had gone, and the stages get its cancel."""
+        message = f"{I.STREAM_MODEL}: encoding the story as {self.output.codec.name}: {type(e).__name__}: {e}"
+        self.log(message)
+        await self.sends.error(self.sender, message)
+        return False
 
     def _response(self, tensors: dict):
         return self.pb.InferenceResponse([self.pb.Tensor(n, v) for n, v in tensors.items()])

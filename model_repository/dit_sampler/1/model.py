@@ -91,8 +91,12 @@ class TritonPythonModel:
         # pcm unless the ensemble was asked for a format (the front door asks for pcm and encodes itself)
         audio, encoded, mime = result.audio, b"", ""
         if meta.audio_format != PCM:
-            audio, encoded, mime = await asyncio.to_thread(clip_payload, result.audio, meta.audio_format,
-                                                           meta.audio_quality)
+            try:
+                audio, encoded, mime = await asyncio.to_thread(clip_payload, result.audio, meta.audio_format,
+                                                               meta.audio_quality)
+            except Exception as e:  # noqa: BLE001 - the clip's error, naming the encoder
+                return send_error(pb_utils, sender, f"{names.SAMPLER}: encoding clip {meta.index} as "
+                                  f"{meta.audio_format}: {type(e).__name__}: {e}")
         outputs = ((I.CLIP_AUDIO, audio), (I.CLIP_INDEX, [meta.index]), (I.CAPTION, [meta.caption.encode()]),
                    (I.CLIP_START_S, [meta.start_s]), (I.CLIP_DURATION_S, [meta.duration_s]),
                    (I.IS_LAST, [meta.is_last]), (I.CLIP_PLAN, [json.dumps(meta.plan_entry()).encode()]),
