@@ -421,6 +421,13 @@ def test_the_ordered_story_keeps_script_gaps_and_continuations(client, server, m
         assert story.shape[1] == 21 * 32000
 
 
+def whole_seconds(story) -> float:
+    from audiostory_ensemble.pipeline.encode import decode
+
+    audio, rate = decode(story.encoded)
+    return audio.shape[1] / rate
+
+
 def test_the_ensemble_and_the_command_line_encode_too(client, server, sample_instructions, tmp_path):
     """The ensemble's clips come encoded by dit_sampler (the same samples as the front door's);
     ``python -m client generate --format`` writes the file as it streams and completes its head."""
@@ -429,6 +436,8 @@ def test_the_ensemble_and_the_command_line_encode_too(client, server, sample_ins
 
     caption = sample_instructions[0][0]
     params = dict(total_duration=14.2, num_steps=2)
+    encoded_before = {m: metric(server, "audiostory_encoded_audio_seconds_total", m)
+                      for m in (I.STREAM_MODEL, "dit_sampler", I.FULL_MODEL)}
     pcm = {c.index: c for c in client.stream(caption, **params)}
     ensemble = AudioStoryClient(server.grpc_url, model=I.ENSEMBLE)
     flac = {c.index: c for c in ensemble.stream(caption, audio_format="flac", **params)}
@@ -450,6 +459,15 @@ def test_the_ensemble_and_the_command_line_encode_too(client, server, sample_ins
                           decode(generate_http(caption, url=server.http_url, audio_format="opus", audio_quality=0.3,
                                                **params).encoded)[0])
     assert client_main(["generate", caption, "--url", server.grpc_url, "--quality", "0.3", "-o", str(out)]) == 2
+    # Counted where it was encoded: the ensemble's clips in dit_sampler, the rest at the front door.
+    clip_seconds = sum(c.audio.shape[1] for c in pcm.values()) / 32000
+    sampler = metric(server, "audiostory_encoded_audio_seconds_total", "dit_sampler") - encoded_before["dit_sampler"]
+    assert sampler == pytest.approx(clip_seconds, abs=1e-3)
+    front = metric(server, "audiostory_encoded_audio_seconds_total", I.STREAM_MODEL) - encoded_before[I.STREAM_MODEL]
+    assert front >= 2 * whole_seconds(whole) - 1e-3     # two stories through the front door, at least
+    assert metric(server, "audiostory_encode_seconds_total", I.STREAM_MODEL) > 0
+    full = metric(server, "audiostory_encoded_audio_seconds_total", I.FULL_MODEL) - encoded_before[I.FULL_MODEL]
+    assert full == pytest.approx(2 * whole_seconds(whole), abs=1e-3)          # the flac story and the opus one
 
 
 # ---- script mode (dubbing) and continuation ----------------------------------------------------------

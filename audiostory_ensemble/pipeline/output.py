@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import numpy as np
 
 from .. import interface as I
+from ..model.config import OUTPUT_SAMPLE_RATE
 from .encode import PCM, StreamEncoder, clip_payload, codec
 from .stitch import Clip, StoryStream
 
@@ -33,6 +35,8 @@ class StoryOutput:
         self.encoder = None
         self.offset = 0            # samples (pcm) or bytes (encoded) of the story sent
         self.ended = False
+        self.encoded_audio_s = 0.0     # for the encode counters: audio encoded, and the time it took
+        self.encode_s = 0.0
 
     @property
     def encoded(self) -> bool:
@@ -46,7 +50,10 @@ class StoryOutput:
         if self.encoded and not self.clip_files:
             audio, encoded, mime = np.zeros((audio.shape[0], 0), np.float32), b"", self.codec.mime
         else:
+            t = time.perf_counter()
             audio, encoded, mime = clip_payload(audio, self.codec.name, self.quality)
+            if self.encoded:
+                self._count(outputs[I.CLIP_AUDIO.name].shape[1], time.perf_counter() - t)
         out[I.CLIP_AUDIO.name] = np.ascontiguousarray(audio, dtype=np.float32)
         out[I.CLIP_ENCODED.name] = _bytes(encoded)
         out[I.MIME_TYPE.name] = _bytes(mime.encode())
@@ -86,13 +93,20 @@ class StoryOutput:
         empty = np.zeros((channels, 0), np.float32)
         step = int(PIECE_S * self.encoder.in_rate)
         for start in range(0, audio.shape[1], step):
-            data = self.encoder.write(audio[:, start:start + step])
+            t = time.perf_counter()
+            piece = audio[:, start:start + step]
+            data = self.encoder.write(piece)
+            self._count(piece.shape[1], time.perf_counter() - t)
             if data:
                 yield self._chunk(empty, data, b"", len(data))
         if last:
             data, header = self.encoder.close()
             if data or header:
                 yield self._chunk(empty, data, header, len(data))
+
+    def _count(self, samples: int, seconds: float) -> None:
+        self.encoded_audio_s += samples / OUTPUT_SAMPLE_RATE
+        self.encode_s += seconds
 
     def _chunk(self, audio: np.ndarray, data: bytes, header: bytes, size: int) -> dict:
         chunk = {I.STORY_AUDIO.name: audio, I.STORY_ENCODED.name: _bytes(data),

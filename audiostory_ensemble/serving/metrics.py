@@ -32,6 +32,11 @@ SAMPLER_HISTOGRAMS = {"audiostory_time_to_first_clip_seconds": (TTFC_DESCRIPTION
 
 
 # The front door's counters, by the name the story runner reports an ending under.
+# Where AUDIO_FORMAT is not pcm: the front door encodes (clips and the ordered story), or in the
+# ensemble dit_sampler (clips).
+ENCODE_COUNTERS = {"audiostory_encoded_audio_seconds_total": "Seconds of audio encoded for clients (not pcm)",
+                   "audiostory_encode_seconds_total": "Seconds spent encoding audio for clients, on worker threads"}
+
 FRONT_DOOR_COUNTERS = {
     "rejected": ("audiostory_requests_rejected_total", "Requests refused: server at capacity"),
     "timed_out": ("audiostory_requests_timed_out_total", "Stories failed by the timeout"),

@@ -7,6 +7,8 @@ cannot carry streams); concurrency comes from the instance count. If the client 
 between clips), the story is cancelled by its key.
 """
 
+import time
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -18,6 +20,7 @@ from audiostory_ensemble.pipeline.stitch import Clip, StoryAssembler
 from audiostory_ensemble.runtime.stages import down_stage
 from audiostory_ensemble.serving import control
 from audiostory_ensemble.serving.adapter import Parameters, error_response
+from audiostory_ensemble.serving.metrics import ENCODE_COUNTERS, StageMetrics
 
 ENCODING_INPUTS = {t.name for t in I.ENCODING_INPUTS}
 
@@ -27,6 +30,8 @@ class TritonPythonModel:
         params = Parameters(args)
         self.stream_model = params.get("stream_model", I.STREAM_MODEL)
         self.limits = params.limits()
+        self.metrics = StageMetrics(pb_utils, args["model_name"])
+        self.metrics.declare(ENCODE_COUNTERS)
 
     def execute(self, requests):
         return [self._one(r) for r in requests]
@@ -66,7 +71,12 @@ class TritonPythonModel:
         except ValueError as e:
             return error_response(pb_utils, f"incomplete story: {e}")
         try:
+            t = time.perf_counter()
             audio, encoded, mime = clip_payload(result.audio, params.audio_format, params.audio_quality)
+            if encoded:
+                self.metrics.counter("audiostory_encode_seconds_total", value=time.perf_counter() - t)
+                self.metrics.counter("audiostory_encoded_audio_seconds_total",
+                                     value=result.audio.shape[1] / I.SAMPLE_RATE)
         except Exception as e:  # noqa: BLE001 - the encoder's failure is this request's error, named
             return error_response(pb_utils, f"encoding the story as {params.audio_format}: {type(e).__name__}: {e}")
         return pb_utils.InferenceResponse([
@@ -78,6 +88,9 @@ class TritonPythonModel:
             pb_utils.Tensor(I.AUDIO_ENCODED.name, np.array([encoded], dtype=np.object_)),
             pb_utils.Tensor(I.MIME_TYPE.name, np.array([mime.encode()], dtype=np.object_)),
         ])
+
+    def finalize(self):
+        self.metrics.close()
 
 
 def _numpy(tensor):

@@ -33,8 +33,8 @@ from audiostory_ensemble.runtime.loop import DaemonCalls, ensure_heartbeat
 from audiostory_ensemble.runtime.stages import BoardView, StageDown, report
 from audiostory_ensemble.serving import control
 from audiostory_ensemble.serving.adapter import Parameters
+from audiostory_ensemble.serving.metrics import ENCODE_COUNTERS, BoardMetrics, StageMetrics
 from audiostory_ensemble.serving.metrics import FRONT_DOOR_COUNTERS as COUNTERS
-from audiostory_ensemble.serving.metrics import BoardMetrics, StageMetrics
 from audiostory_ensemble.serving.stage_clients import BlsStageClients, ThreadedSends
 
 ENCODING_INPUTS = {t.name for t in I.ENCODING_INPUTS}
@@ -62,7 +62,7 @@ class TritonPythonModel:
         self.stuck_reported = False
         self.board = BoardView()
         self.metrics = StageMetrics(pb_utils, self.name)
-        self.metrics.declare(dict(COUNTERS.values()))
+        self.metrics.declare({**dict(COUNTERS.values()), **ENCODE_COUNTERS})
         self._set_active(0)
         first = args.get("model_instance_name", "").endswith("_0_0")
         self.board_metrics = BoardMetrics(pb_utils, self.name, self.board) if first and self.board.present else None
@@ -107,6 +107,9 @@ class TritonPythonModel:
             self._check_stuck()
         finally:
             output.close()
+            if output.encode_s:
+                self.metrics.counter("audiostory_encoded_audio_seconds_total", value=output.encoded_audio_s)
+                self.metrics.counter("audiostory_encode_seconds_total", value=output.encode_s)
             self._set_active(self.active - 1)
 
     def _set_active(self, count):

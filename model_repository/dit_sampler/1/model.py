@@ -16,6 +16,7 @@ later are dropped at once. A direct caller's own cancel (`is_cancelled()`) is po
 """
 import asyncio
 import json
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -30,7 +31,7 @@ from audiostory_ensemble.runtime.loop import ensure_heartbeat
 from audiostory_ensemble.runtime.stages import OverCapacity, down_stage
 from audiostory_ensemble.serving import control
 from audiostory_ensemble.serving.adapter import Parameters, bls_output, send_error
-from audiostory_ensemble.serving.metrics import SAMPLER_COUNTERS, SAMPLER_HISTOGRAMS, StageMetrics
+from audiostory_ensemble.serving.metrics import ENCODE_COUNTERS, SAMPLER_COUNTERS, SAMPLER_HISTOGRAMS, StageMetrics
 from audiostory_ensemble.serving.scheduler import scheduler_from_parameters
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -43,7 +44,7 @@ class TritonPythonModel:
         self.vae_model = params.get("vae_model", names.VAE)
         self.bls_timeout_s, self.bls_attempts = params.float("bls_timeout_s", 30.0), params.int("bls_attempts", 4)
         self.metrics = StageMetrics(pb_utils, names.SAMPLER)
-        self.metrics.declare(SAMPLER_COUNTERS, SAMPLER_HISTOGRAMS)
+        self.metrics.declare({**SAMPLER_COUNTERS, **ENCODE_COUNTERS}, SAMPLER_HISTOGRAMS)
         self.scheduler, self.batch_metrics = scheduler_from_parameters(pb_utils, params, args, self._bls_retry)
         self.renderer = ClipRenderer(self.scheduler, self._decode, params.int("clips_in_flight_per_request", 1),
                                      params.int("max_clips_in_flight", 32), params.float("poll_s", 0.25),
@@ -92,8 +93,12 @@ class TritonPythonModel:
         audio, encoded, mime = result.audio, b"", ""
         if meta.audio_format != PCM:
             try:
+                t = time.perf_counter()
                 audio, encoded, mime = await asyncio.to_thread(clip_payload, result.audio, meta.audio_format,
                                                                meta.audio_quality)
+                self.metrics.counter("audiostory_encode_seconds_total", value=time.perf_counter() - t)
+                self.metrics.counter("audiostory_encoded_audio_seconds_total",
+                                     value=result.audio.shape[1] / I.SAMPLE_RATE)
             except Exception as e:  # noqa: BLE001 - the clip's error, naming the encoder
                 return send_error(pb_utils, sender, f"{names.SAMPLER}: encoding clip {meta.index} as "
                                   f"{meta.audio_format}: {type(e).__name__}: {e}")
