@@ -370,3 +370,24 @@ def test_an_encoder_that_fails_ends_the_story_with_its_error_not_a_silent_stream
     assert asyncio.run(clients.send(_as_response(joined_clips([5 * SR])[0]))) is False
     assert _Pb.get_output_tensor_by_name(sender.sent[0][0], I.CLIP_INDEX.name) is not None
     assert "OSError: disk full" in sender.sent[-1][0].error.message and sender.sent[-1][1] == 1
+
+
+def test_a_header_rewritten_on_close_keeps_the_bytes_around_it():
+    """The append-only sink keeps the file's first bytes whatever the writes' sizes, so that a
+    rewrite of part of the header is laid over the real bytes (not over zeros)."""
+    from audiostory_ensemble.pipeline.encode import HEAD_BYTES, _AppendOnly
+
+    sink = _AppendOnly()
+    body = bytes(range(256)) * 400                     # one write, past the kept head
+    sink.write(body)
+    assert sink.take() == body
+    sink.seek(4)
+    sink.write(b"LEN!")
+    sink.seek(0, 2)
+    sink.write(b"tail")
+    assert sink.take() == b"tail"
+    assert bytes(sink.head[: sink.rewritten]) == body[:4] + b"LEN!"
+    assert patched(body + b"tail", bytes(sink.head[: sink.rewritten])) == body[:4] + b"LEN!" + body[8:] + b"tail"
+    sink.seek(HEAD_BYTES)
+    with pytest.raises(OSError, match="past the 65536 kept"):
+        sink.write(b"x")

@@ -44,7 +44,6 @@ class Codec:
     mime: str = ""
     suffix: str = ""
     sample_rate: int = OUTPUT_SAMPLE_RATE
-    lossy: bool = False
     has_quality: bool = False  # AUDIO_QUALITY applies
 
 
@@ -53,8 +52,8 @@ CODECS = {c.name: c for c in (
     Codec(PCM),
     Codec("wav", "WAV", "FLOAT", "audio/wav", ".wav"),
     Codec("flac", "FLAC", "PCM_24", "audio/flac", ".flac"),
-    Codec("opus", "OGG", "OPUS", "audio/ogg; codecs=opus", ".opus", 48000, lossy=True, has_quality=True),
-    Codec("mp3", "MP3", "MPEG_LAYER_III", "audio/mpeg", ".mp3", lossy=True, has_quality=True),
+    Codec("opus", "OGG", "OPUS", "audio/ogg; codecs=opus", ".opus", 48000, has_quality=True),
+    Codec("mp3", "MP3", "MPEG_LAYER_III", "audio/mpeg", ".mp3", has_quality=True),
 )}
 FORMATS = tuple(CODECS)
 
@@ -77,23 +76,26 @@ def codec(name: str, quality: float | None = None) -> Codec:
     return c
 
 
-def _compression_level(c: Codec, quality: float | None) -> float | None:
+def _compression_level(quality: float | None) -> float | None:
     if quality is None:
         return None
     # libsndfile: 0 = the highest bitrate; LAME's VBR quality (10 x level) must stay below 10.
     return min(1.0 - float(quality), 0.999)
 
 
+HEAD_BYTES = 1 << 16   # a stream's first bytes kept for its header's rewrite (headers live there)
+
+
 class _AppendOnly:
     """A write-only file for libsndfile that hands out what was appended since the last ``take``
     and keeps the writes that land on bytes already handed out (a header rewritten on close)
-    as an image of the file's head."""
+    over a copy of the file's first ``HEAD_BYTES``."""
 
     def __init__(self):
         self.size = 0              # bytes appended so far
         self.pos = 0
         self.fresh = bytearray()   # appended, not yet taken
-        self.head = bytearray()    # the file's first bytes, with later rewrites applied
+        self.head = bytearray()    # the file's first bytes (up to HEAD_BYTES), with later rewrites applied
         self.rewritten = 0         # the head's length that holds rewrites
 
     def write(self, data) -> int:
@@ -101,8 +103,8 @@ class _AppendOnly:
         n, start = len(data), self.pos
         if start < self.size:      # a rewrite of bytes already written
             end = min(start + n, self.size)
-            if len(self.head) < end:
-                self.head.extend(bytes(end - len(self.head)))
+            if end > len(self.head):
+                raise OSError(f"encoder rewrote bytes {start}-{end}, past the {len(self.head)} kept of the head")
             self.head[start:end] = data[: end - start]
             self.rewritten = max(self.rewritten, end)
             data, start = data[end - start:], end
@@ -111,8 +113,8 @@ class _AppendOnly:
                 raise OSError(f"encoder wrote at {start}, past the end of the file ({self.size})")
             self.fresh += data
             self.size += len(data)
-            if self.size <= 1 << 16:         # keep the head (headers live in the first bytes)
-                self.head += data
+            if len(self.head) < HEAD_BYTES:
+                self.head += data[: HEAD_BYTES - len(self.head)]
         self.pos = start + len(data)
         return n
 
@@ -160,9 +162,7 @@ class StreamEncoder:
                                                  quality="HQ")
         self.file = sf.SoundFile(self.sink, "w", self.codec.sample_rate, channels, self.codec.subtype,
                                  format=self.codec.container,
-                                 compression_level=_compression_level(self.codec, quality))
-        self.samples_in = 0
-        self.bytes_out = 0
+                                 compression_level=_compression_level(quality))
         self.closed = False
 
     def write(self, audio: np.ndarray) -> bytes:
@@ -170,18 +170,17 @@ class StreamEncoder:
         if self.closed:
             raise ValueError("the stream is closed")
         frames = _as_frames(audio)
+        if frames.shape[1] != self.channels:
+            raise ValueError(f"audio has {frames.shape[1]} channels; the stream has {self.channels}")
         if self.codec.name != "wav":
             # LAME aborts the process on a non-finite or huge sample, libsndfile's FLAC refuses a
             # NaN: these formats take [-1, 1] (FLAC clips there anyway), NaN as silence.
             frames = np.clip(np.nan_to_num(frames, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
-        if frames.shape[1] != self.channels:
-            raise ValueError(f"audio has {frames.shape[1]} channels; the stream has {self.channels}")
-        self.samples_in += frames.shape[0]
         if self.resampler is not None:
             frames = self.resampler.resample_chunk(frames)
         if len(frames):
             self.file.write(frames)
-        return self._take()
+        return self.sink.take()
 
     def close(self) -> tuple[bytes, bytes]:
         """Ends the stream: (the last bytes, the head to write at offset 0 of a saved file; empty
@@ -194,12 +193,7 @@ class StreamEncoder:
                 self.file.write(tail)
         self.file.close()
         self.closed = True
-        return self._take(), bytes(self.sink.head[: self.sink.rewritten])
-
-    def _take(self) -> bytes:
-        out = self.sink.take()
-        self.bytes_out += len(out)
-        return out
+        return self.sink.take(), bytes(self.sink.head[: self.sink.rewritten])
 
     def abort(self) -> None:
         if not self.closed:
