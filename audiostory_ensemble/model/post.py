@@ -154,24 +154,35 @@ def place_on_timeline(clips: list[np.ndarray], starts_s: list[float], durations_
     """
     n_total = int(round(total_s * sr))
     out = np.zeros((AUDIO_CHANNELS, n_total), dtype=np.float32)
-    ts = max(0, int(transition_s * sr))
-    fade_out_ramp, fade_in_ramp = _ramps(ts) if ts else (None, None)
     for audio, start, dur, fin, fout in zip(clips, starts_s, durations_s, fade_in, fade_out):
-        a = np.asarray(audio, dtype=np.float32)
-        a = a[None] if a.ndim == 1 else a
-        s0 = int(round(start * sr))
-        s1 = int(round((start + dur) * sr)) + (ts if fout else 0)
-        seg = np.zeros((out.shape[0], s1 - s0), dtype=np.float32)
-        n = min(seg.shape[1], a.shape[1])
-        seg[:, :n] = a[:, :n]
-        if fin and ts and seg.shape[1] >= ts:
-            seg[:, :ts] *= fade_in_ramp
-        if fout and ts and seg.shape[1] >= ts:
-            seg[:, -ts:] *= fade_out_ramp
-        end = min(s1, n_total)
+        s0, _, seg = timeline_segment(audio, start, dur, fin, fout, sr, transition_s, out.shape[0])
+        end = min(s0 + seg.shape[1], n_total)
         if end > s0:
             out[:, s0:end] += seg[:, : end - s0]
     return out
+
+
+def timeline_segment(audio: np.ndarray, start_s: float, duration_s: float, fade_in: bool, fade_out: bool,
+                     sr: int = OUTPUT_SAMPLE_RATE, transition_s: float = CROSSFADE_S,
+                     channels: int = AUDIO_CHANNELS) -> tuple[int, int, np.ndarray]:
+    """One clip's slot on a script's timeline (:func:`place_on_timeline`'s rule): its first sample,
+    where its slot ends before any fade into the next clip, and the clip cut or padded to the slot
+    with its fades applied, ``[C, slot]``."""
+    ts = max(0, int(transition_s * sr))
+    a = np.asarray(audio, dtype=np.float32)
+    a = a[None] if a.ndim == 1 else a
+    s0 = int(round(start_s * sr))
+    s_end = int(round((start_s + duration_s) * sr))
+    seg = np.zeros((channels, s_end + (ts if fade_out else 0) - s0), dtype=np.float32)
+    n = min(seg.shape[1], a.shape[1])
+    seg[:, :n] = a[:, :n]
+    if ts and seg.shape[1] >= ts:
+        fade_out_ramp, fade_in_ramp = _ramps(ts)
+        if fade_in:
+            seg[:, :ts] *= fade_in_ramp
+        if fade_out:
+            seg[:, -ts:] *= fade_out_ramp
+    return s0, s_end, seg
 
 
 def stitched_length(durations: list[float], crossfade_s: float = CROSSFADE_S,

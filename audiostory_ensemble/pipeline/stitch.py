@@ -12,7 +12,7 @@ import numpy as np
 
 from ..model.config import CROSSFADE_S, OUTPUT_SAMPLE_RATE
 from ..model.post import _ramps as post_ramps
-from ..model.post import crossfade, place_on_timeline
+from ..model.post import crossfade, place_on_timeline, timeline_segment
 
 
 @dataclass
@@ -143,7 +143,7 @@ class StoryStream:
     operation for operation, on the same samples."""
 
     def __init__(self, sr: int = OUTPUT_SAMPLE_RATE, transition_s: float = CROSSFADE_S):
-        self.sr = sr
+        self.sr, self.transition_s = sr, transition_s
         self.ts = max(0, int(transition_s * sr))
         self.waiting: dict[int, Clip] = {}
         self.next = 0                 # the next clip index to join
@@ -217,26 +217,13 @@ class StoryStream:
                                           axis=1)
 
     def _place(self, c: Clip) -> np.ndarray:
-        sr, ts = self.sr, self.ts
-        start, dur = float(c.plan["start"]), float(c.plan["duration"])
-        fin, fout = bool(c.plan.get("fade_in")), bool(c.plan.get("fade_out"))
-        n_total = int(round(self.timeline * sr))
-        a = np.asarray(c.audio, dtype=np.float32)
-        a = a[None] if a.ndim == 1 else a
-        s0 = int(round(start * sr))
-        s_end = int(round((start + dur) * sr))
-        s1 = s_end + (ts if fout else 0)
-        seg = np.zeros((self.pending.shape[0], s1 - s0), dtype=np.float32)
-        n = min(seg.shape[1], a.shape[1])
-        seg[:, :n] = a[:, :n]
-        fade_out, fade_in = post_ramps(ts) if ts else (None, None)
-        if fin and ts and seg.shape[1] >= ts:
-            seg[:, :ts] *= fade_in
-        if fout and ts and seg.shape[1] >= ts:
-            seg[:, -ts:] *= fade_out
-        end = min(s1, n_total)
+        n_total = int(round(self.timeline * self.sr))
+        s0, s_end, seg = timeline_segment(c.audio, float(c.plan["start"]), float(c.plan["duration"]),
+                                          bool(c.plan.get("fade_in")), bool(c.plan.get("fade_out")), self.sr,
+                                          self.transition_s, self.pending.shape[0])
         if s0 < self.emitted:
             raise ValueError(f"clip {c.index} starts at sample {s0}, before the story's final part ({self.emitted})")
+        end = min(s0 + seg.shape[1], n_total)
         if end > s0:
             self._extend(end)
             self.pending[:, s0 - self.emitted:end - self.emitted] += seg[:, : end - s0]
