@@ -76,6 +76,11 @@ class StageMetrics:
         """Adds ``value``; a counter declared with :meth:`declare` needs no description here."""
         self._metric(name, description, "COUNTER").increment(value)
 
+    def encoded(self, audio_s: float, seconds: float) -> None:
+        """Audio encoded for clients (``ENCODE_COUNTERS``): its seconds, and the time it took."""
+        self.counter("audiostory_encoded_audio_seconds_total", value=audio_s)
+        self.counter("audiostory_encode_seconds_total", value=seconds)
+
     def gauge(self, name: str, description: str, value: float) -> None:
         self._metric(name, description, "GAUGE").set(value)
 

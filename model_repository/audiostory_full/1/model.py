@@ -74,9 +74,7 @@ class TritonPythonModel:
             t = time.perf_counter()
             audio, encoded, mime = clip_payload(result.audio, params.audio_format, params.audio_quality)
             if encoded:
-                self.metrics.counter("audiostory_encode_seconds_total", value=time.perf_counter() - t)
-                self.metrics.counter("audiostory_encoded_audio_seconds_total",
-                                     value=result.audio.shape[1] / I.SAMPLE_RATE)
+                self.metrics.encoded(result.audio.shape[1] / I.SAMPLE_RATE, time.perf_counter() - t)
         except Exception as e:  # noqa: BLE001 - the encoder's failure is this request's error, named
             return error_response(pb_utils, f"encoding the story as {params.audio_format}: {type(e).__name__}: {e}")
         return pb_utils.InferenceResponse([

@@ -108,8 +108,7 @@ class TritonPythonModel:
         finally:
             output.close()
             if output.encode_s:
-                self.metrics.counter("audiostory_encoded_audio_seconds_total", value=output.encoded_audio_s)
-                self.metrics.counter("audiostory_encode_seconds_total", value=output.encode_s)
+                self.metrics.encoded(output.encoded_audio_s, output.encode_s)
             self._set_active(self.active - 1)
 
     def _set_active(self, count):

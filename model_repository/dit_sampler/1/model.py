@@ -96,9 +96,7 @@ class TritonPythonModel:
                 t = time.perf_counter()
                 audio, encoded, mime = await asyncio.to_thread(clip_payload, result.audio, meta.audio_format,
                                                                meta.audio_quality)
-                self.metrics.counter("audiostory_encode_seconds_total", value=time.perf_counter() - t)
-                self.metrics.counter("audiostory_encoded_audio_seconds_total",
-                                     value=result.audio.shape[1] / I.SAMPLE_RATE)
+                self.metrics.encoded(result.audio.shape[1] / I.SAMPLE_RATE, time.perf_counter() - t)
             except Exception as e:  # noqa: BLE001 - the clip's error, naming the encoder
                 return send_error(pb_utils, sender, f"{names.SAMPLER}: encoding clip {meta.index} as "
                                   f"{meta.audio_format}: {type(e).__name__}: {e}")
