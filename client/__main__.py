@@ -75,25 +75,11 @@ def cmd_generate(args) -> int:
             for c in story.clips:
                 print(f"clip {c.index}: {c.start_s:7.2f}–{c.start_s + c.duration_s:7.2f} s  {c.caption}")
         else:
-            clips_dir = Path(args.clips_dir) if args.clips_dir else None
-            if clips_dir:
-                clips_dir.mkdir(parents=True, exist_ok=True)
-
-            printer = _print_clip(t0)
-
-            def on_clip(c):
-                printer(c)
-                if clips_dir:
-                    write_wav(clips_dir / f"clip_{c.index:02d}.wav", c.audio)
-
+            on_clip = _on_clip(args, t0, lambda path, c: write_wav(path.with_suffix(".wav"), c.audio))
             story = AudioStoryClient(args.url).generate(args.instruction, on_clip=on_clip,
                                                         timeout=args.timeout, **params)
-    except (AudioStoryError, TimeoutError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - transport errors from tritonclient
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001 - the server's refusal or a transport error, said once
+        return _failed(e)
     audio = story.audio
     if args.prepend_input and args.continue_from:
         audio = prepend_input(audio, params["input_audio"], params["input_sample_rate"])
@@ -114,15 +100,7 @@ def _generate_encoded(args, params: dict, out: Path, t0: float) -> int:
         return 2
     params = dict(params, audio_quality=args.quality)
     suffix = CODECS[args.format].suffix
-    clips_dir = Path(args.clips_dir) if args.clips_dir else None
-    if clips_dir:
-        clips_dir.mkdir(parents=True, exist_ok=True)
-    printer = _print_clip(t0)
-
-    def on_clip(c):
-        printer(c)
-        if clips_dir:
-            (clips_dir / f"clip_{c.index:02d}{suffix}").write_bytes(c.encoded)
+    on_clip = _on_clip(args, t0, lambda path, c: path.with_suffix(suffix).write_bytes(c.encoded))
     try:
         if args.http:
             story = generate_http(args.instruction, url=args.http_url, timeout=args.timeout,
@@ -131,21 +109,42 @@ def _generate_encoded(args, params: dict, out: Path, t0: float) -> int:
             clips, size, mime = story.clips, len(story.encoded), story.mime
         else:
             saved = AudioStoryClient(args.url).save(args.instruction, out, args.format, on_clip=on_clip,
-                                                    clip_files=clips_dir is not None, timeout=args.timeout, **params)
+                                                    clip_files=bool(args.clips_dir), timeout=args.timeout, **params)
             clips, size, mime = saved.clips, saved.size, saved.mime
             print(f"first bytes of the story after {saved.first_chunk_s:.1f} s", flush=True)
-    except (AudioStoryError, TimeoutError, ConnectionError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - transport errors from tritonclient
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001 - the server's refusal or a transport error, said once
+        return _failed(e, STORY_ERRORS + (OSError,))
     if args.plan:
         end = max((c.start_s + c.duration_s for c in clips), default=0.0)
         plan = {"clips": [c.plan for c in clips], "duration": clips[0].plan.get("timeline") or end} if clips else {}
         Path(args.plan).write_text(json.dumps(plan, indent=2) + "\n")
     print(f"wrote {out}: {len(clips)} clips, {size} bytes of {mime} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+STORY_ERRORS = (AudioStoryError, TimeoutError, ConnectionError)
+
+
+def _failed(e: Exception, said=STORY_ERRORS) -> int:
+    """A story that did not come: the message of an error in ``said`` as it is, any other (a
+    transport error from tritonclient) with its type; exit status 1."""
+    print(f"error: {e}" if isinstance(e, said) else f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1
+
+
+def _on_clip(args, t0: float, write):
+    """Each clip as it lands: printed, and with ``--clips-dir`` written as ``write(path, clip)``
+    (``path`` without its suffix)."""
+    clips_dir = Path(args.clips_dir) if args.clips_dir else None
+    if clips_dir:
+        clips_dir.mkdir(parents=True, exist_ok=True)
+    printer = _print_clip(t0)
+
+    def on_clip(c):
+        printer(c)
+        if clips_dir:
+            write(clips_dir / f"clip_{c.index:02d}", c)
+    return on_clip
 
 
 def _print_clip(t0: float):
@@ -189,12 +188,8 @@ def cmd_dub(args) -> int:
         story, out = dub(args.video, segments, args.output, url=args.url, instruction=args.instruction,
                          mix_db=args.mix, keep_audio=args.keep_audio, audio_codec=args.audio_codec,
                          on_clip=_print_clip(t0), timeout=args.timeout, **params)
-    except (DubError, AudioStoryError, TimeoutError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - transport errors from tritonclient
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001 - the server's refusal or a transport error, said once
+        return _failed(e, STORY_ERRORS + (DubError,))
     if args.plan:
         Path(args.plan).write_text(json.dumps(story.plan, indent=2) + "\n")
     print(f"wrote {out}: {len(story.clips)} clips, {story.audio.shape[1] / story.sample_rate:.3f} s of audio "
