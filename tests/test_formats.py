@@ -24,6 +24,7 @@ from audiostory_ensemble.pipeline.encode import (
 from audiostory_ensemble.pipeline.output import StoryOutput
 from audiostory_ensemble.pipeline.request import RequestError, parse_request
 from audiostory_ensemble.pipeline.stitch import Clip, StoryAssembler, StoryStream
+from tests.fake_triton import FakeTriton
 
 SR = OUTPUT_SAMPLE_RATE
 TS = int(CROSSFADE_S * SR)
@@ -275,32 +276,6 @@ def test_the_front_doors_story_output_sends_the_story_once_in_order(fmt):
     assert np.array_equal(decode(patched(b"".join(data), head))[0], decode(encode(want, fmt))[0])
 
 
-class _Pb:
-    """What BlsStageClients uses of triton_python_backend_utils, in memory."""
-    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-
-    class TritonError:
-        INTERNAL, UNAVAILABLE, UNKNOWN = "INTERNAL", "UNAVAILABLE", "UNKNOWN"
-
-        def __init__(self, message, code="INTERNAL"):
-            self.message, self.code = message, code
-
-    class Tensor:
-        def __init__(self, name, value):
-            self.name, self.value = name, value
-
-        def as_numpy(self):
-            return self.value
-
-    class InferenceResponse:
-        def __init__(self, tensors=None, error=None):
-            self.tensors, self.error = tensors or [], error
-
-    @staticmethod
-    def get_output_tensor_by_name(response, name):
-        return next((t for t in response.tensors if t.name == name), None)
-
-
 class _Sender:
     def __init__(self):
         self.sent = []
@@ -316,13 +291,13 @@ def _front_door(output):
     from audiostory_ensemble.serving.stage_clients import BlsStageClients, ThreadedSends
 
     sender, logged = _Sender(), []
-    clients = BlsStageClients(_Pb, ("llm", "bridge", "dit_sampler"), sender, [], "key",
-                              ThreadedSends(_Pb, 4, 5.0), None, logged.append, output)
+    clients = BlsStageClients(FakeTriton, ("llm", "bridge", "dit_sampler"), sender, [], "key",
+                              ThreadedSends(FakeTriton, 4, 5.0), None, logged.append, output)
     return clients, sender, logged
 
 
 def _as_response(c: Clip):
-    return _Pb.InferenceResponse([_Pb.Tensor(n, v) for n, v in clip_outputs(c).items()])
+    return FakeTriton.InferenceResponse([FakeTriton.Tensor(n, v) for n, v in clip_outputs(c).items()])
 
 
 def test_the_front_door_sends_each_clip_then_the_story_part_it_made_final():
@@ -334,12 +309,12 @@ def test_the_front_door_sends_each_clip_then_the_story_part_it_made_final():
     async def run():
         return [await clients.send(_as_response(c)) for c in clips] + [await clients.finish()]
     assert asyncio.run(run())[:2] == [True, True]
-    kinds = [("final" if r is None else "clip" if _Pb.get_output_tensor_by_name(r, I.CLIP_INDEX.name) else "story")
-             for r, _ in sender.sent]
+    get = FakeTriton.get_output_tensor_by_name
+    kinds = [("final" if r is None else "clip" if get(r, I.CLIP_INDEX.name) else "story") for r, _ in sender.sent]
     assert kinds == ["clip", "story", "clip", "story", "final"]
-    story = np.concatenate([_Pb.get_output_tensor_by_name(r, I.STORY_AUDIO.name).value
+    story = np.concatenate([FakeTriton.get_output_tensor_by_name(r, I.STORY_AUDIO.name).value
                             for r, _ in sender.sent if r is not None and
-                            _Pb.get_output_tensor_by_name(r, I.STORY_AUDIO.name) is not None], axis=1)
+                            FakeTriton.get_output_tensor_by_name(r, I.STORY_AUDIO.name) is not None], axis=1)
     assert np.array_equal(story, assembled(clips))
 
 
@@ -354,7 +329,7 @@ def test_an_encoder_that_fails_ends_the_story_with_its_error_not_a_silent_stream
     clients, sender, logged = _front_door(Failing("opus", story=True))
     assert asyncio.run(clients.send(_as_response(joined_clips([5 * SR])[0]))) is False
     (response, flags), = sender.sent
-    assert flags == _Pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert flags == FakeTriton.TRITONSERVER_RESPONSE_COMPLETE_FINAL
     assert response.error.message == ("audiostory_stream: encoding the story as opus: RuntimeError: "
                                       "libsndfile: out of memory")
     assert logged and "encoding the story as opus" in logged[0]
@@ -368,7 +343,7 @@ def test_an_encoder_that_fails_ends_the_story_with_its_error_not_a_silent_stream
 
     clients, sender, _ = _front_door(FailingLater("flac", story=True))
     assert asyncio.run(clients.send(_as_response(joined_clips([5 * SR])[0]))) is False
-    assert _Pb.get_output_tensor_by_name(sender.sent[0][0], I.CLIP_INDEX.name) is not None
+    assert FakeTriton.get_output_tensor_by_name(sender.sent[0][0], I.CLIP_INDEX.name) is not None
     assert "OSError: disk full" in sender.sent[-1][0].error.message and sender.sent[-1][1] == 1
 
 

@@ -5,21 +5,7 @@ responses, a BLS request re-sent after silence), the cancel fan-out
 import pytest
 
 from audiostory_ensemble.pipeline.request import RequestError
-
-
-class _FakeTriton:
-    """Just what serving.adapter uses of triton_python_backend_utils."""
-    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-
-    class TritonError:
-        INTERNAL, INVALID_ARG, UNAVAILABLE = "INTERNAL", "INVALID_ARG", "UNAVAILABLE"
-
-        def __init__(self, message, code="INTERNAL"):
-            self.message, self.code = message, code
-
-    class InferenceResponse:
-        def __init__(self, tensors=None, error=None):
-            self.tensors, self.error = tensors, error
+from tests.fake_triton import FakeTriton
 
 
 def test_model_parameters_are_read_one_way():
@@ -40,7 +26,7 @@ def test_model_parameters_are_read_one_way():
 def test_error_responses_carry_the_code_a_client_can_act_on():
     from audiostory_ensemble.serving.adapter import error_response, send_error
 
-    pb = _FakeTriton
+    pb = FakeTriton
     bad = error_response(pb, RequestError("SEED must be an integer"))
     assert (bad.error.message, bad.error.code) == ("SEED must be an integer", "INVALID_ARG")
     assert error_response(pb, RuntimeError("engine died")).error.code == "INTERNAL"
@@ -91,7 +77,7 @@ def _bls_fake(answers: list):
                 await asyncio.sleep(3600)
             return _Result(self.answer)
 
-    class Pb(_FakeTriton):
+    class Pb(FakeTriton):
         InferenceRequest = Request
 
         @staticmethod
@@ -155,7 +141,7 @@ def test_a_dit_step_chunk_with_no_answer_is_sent_again_and_an_error_fails_the_it
                     time.sleep(1.0)          # longer than the timeout: the engine stops waiting
                 return _Result("error" if self.answer == "error" else self.inputs["x"] + 1)
 
-        class Pb(_FakeTriton):
+        class Pb(FakeTriton):
             InferenceRequest = Request
 
             class Tensor:
@@ -369,7 +355,7 @@ def test_a_response_the_caller_never_takes_is_given_up_counted_and_reported():
                 release.wait(10)
             sent.append((response, flags))
 
-    sends = ThreadedSends(_FakeTriton, 4, 0.1, lambda: stuck_calls.append(1))
+    sends = ThreadedSends(FakeTriton, 4, 0.1, lambda: stuck_calls.append(1))
 
     async def main():
         return await sends.send(Sender(False), "clip"), await sends.send(Sender(True), "clip")
@@ -381,5 +367,5 @@ def test_a_response_the_caller_never_takes_is_given_up_counted_and_reported():
             break
         threading.Event().wait(0.01)
     assert sends.stuck == 0                     # its thread returned: no longer stuck
-    err = asyncio.run(sends.error(Sender(False), "bad input", _FakeTriton.TritonError.INVALID_ARG))
+    err = asyncio.run(sends.error(Sender(False), "bad input", FakeTriton.TritonError.INVALID_ARG))
     assert err and sent[-1][0].error.code == "INVALID_ARG" and sent[-1][1] == 1
