@@ -216,7 +216,8 @@ def test_a_dead_vllm_process_restarts_the_llm_stage(server, sample_instructions,
     _new_story_succeeds(server)
 
 
-def test_a_dead_whole_story_instance_fails_its_request_and_comes_back(server, sample_instructions):
+@pytest.mark.parametrize("audio_format", [None, "flac"])      # samples, or the story encoded at the end
+def test_a_dead_whole_story_instance_fails_its_request_and_comes_back(server, sample_instructions, audio_format):
     restarts = len(server.supervisor.history)
     readiness = Readiness(server)
     client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -226,7 +227,8 @@ def test_a_dead_whole_story_instance_fails_its_request_and_comes_back(server, sa
     def whole():
         try:
             client.infer(I.FULL_MODEL, grpc_inputs(request_arrays(sample_instructions[0][0], total_duration=30.0,
-                                                                  num_steps=150)), client_timeout=300)
+                                                                  num_steps=150, audio_format=audio_format)),
+                         client_timeout=300)
         except Exception as e:  # noqa: BLE001 - collected; the test asserts on it
             errors.append(e)
         done.set()
@@ -247,18 +249,26 @@ def test_a_dead_whole_story_instance_fails_its_request_and_comes_back(server, sa
     _recovered(server, readiness, restarts)
     _new_story_succeeds(server)                    # the front door took no harm from the dead caller
     story = client.infer(I.FULL_MODEL, grpc_inputs(request_arrays("rain on a tin roof", total_duration=6.0,
-                                                                  num_steps=2)), client_timeout=300)
-    assert story.as_numpy(I.AUDIO.name).shape[1] > 0
+                                                                  num_steps=2, audio_format=audio_format)),
+                         client_timeout=300)
+    if audio_format is None:
+        assert story.as_numpy(I.AUDIO.name).shape[1] > 0
+    else:
+        from audiostory_ensemble.pipeline.encode import decode
+
+        assert decode(bytes(story.as_numpy(I.AUDIO_ENCODED.name)[0]))[0].shape[1] > 0
     client.close()
 
 
-def test_a_dead_front_door_restarts_the_server_and_its_clients_hear_at_once(server, sample_instructions):
+@pytest.mark.parametrize("params", [{}, {"audio_format": "opus", "story_stream": True}], ids=["pcm", "opus-story"])
+def test_a_dead_front_door_restarts_the_server_and_its_clients_hear_at_once(server, sample_instructions, params):
     """The streams the front door held cannot be ended by anyone else: the server is restarted in
-    place, which closes the clients' connections (UNAVAILABLE) at once."""
+    place, which closes the clients' connections (UNAVAILABLE) at once; also while it was encoding
+    a story in order."""
     before = _restarts(server, I.STREAM_MODEL)
     old_server = server.process.pid
     outcome, took, record = _kill_during_story(server, sample_instructions[0][0],
-                                               lambda: _stub(server, I.STREAM_MODEL), after_first_clip=True)
+                                               lambda: _stub(server, I.STREAM_MODEL), after_first_clip=True, **params)
     assert outcome != "completed" and took <= BOUND_S, (outcome, took)
     assert record.server and server.process.pid != old_server
     assert _restarts(server, I.STREAM_MODEL) == before + 1
